@@ -1,0 +1,203 @@
+"""The running batch: its rows, and the tensors they share on the device.
+
+Rows are left-padded so that every row's newest token sits in the last column; the attention mask
+hides the padding and each row carries its own position. Rows join by `concatenate` (padding the
+shorter key/value cache on the left) and leave by `filter` (which also drops padding columns no
+row needs any more), so memory follows the rows that are really there.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from app.engine.request import RequestHandle, SamplingParams, TokenLogprob
+from app.engine.sampling import SamplingTensors, token_logprobs
+from app.engine.text import IncrementalDecoder, StopStringFilter
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated sequence (a request with n > 1 has n of them)."""
+
+    handle: RequestHandle
+    index: int
+    decoder: IncrementalDecoder
+    stops: StopStringFilter
+    rng: random.Random
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.handle.request.sampling
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.handle.request.prompt_ids
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.handle.request.max_total_tokens
+
+
+def _cache_from_layers(keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=keys_values)
+
+
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class Batch:
+    def __init__(self, sequences, next_tokens, attention_mask, cache, vocab_size):
+        self.sequences: list[Sequence] = sequences
+        self.next_tokens: torch.Tensor = next_tokens  # [B] the tokens to feed at the next step
+        self.attention_mask: torch.Tensor = attention_mask  # [B, L] over the cached columns
+        self.cache: DynamicCache = cache
+        self.vocab_size = vocab_size
+        self.sampling = SamplingTensors.build([s.params for s in sequences], attention_mask.device)
+        self.prompt_seen: torch.Tensor | None = None  # [B, V] bool, for the repetition penalty
+        self.output_counts: torch.Tensor | None = None  # [B, V] int, for presence/frequency penalties
+        if self.sampling.use_repetition or self.sampling.use_presence_frequency:
+            self._build_penalty_state()
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def device(self) -> torch.device:
+        return self.attention_mask.device
+
+    @property
+    def padded_length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    def reserved_tokens(self, extra_rows: int = 0, extra_total: int = 0) -> int:
+        """Worst-case padded size of the batch if `extra_rows` rows of `extra_total` tokens joined."""
+        longest = max([s.max_total_tokens for s in self.sequences] + [extra_total])
+        return (len(self) + extra_rows) * longest
+
+    # ---- building -------------------------------------------------------------------------------
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(cls, model, sequences: list[Sequence], vocab_size: int, want_prompt_logprobs: list[int | None]):
+        """Run the prompts of new requests through the model once.
+
+        `sequences` holds each request's rows consecutively; rows of one request share its prefill.
+        `want_prompt_logprobs[i]` is None, or the number of alternatives for request i's prompt tokens.
+        Returns the new batch, the logits for each row's first token, and prompt log-probabilities.
+        """
+        device = model.device
+        handles = list(dict.fromkeys(s.handle for s in sequences))
+        prompts = [h.request.prompt_ids for h in handles]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        any_prompt_logprobs = any(k is not None for k in want_prompt_logprobs)
+        cache = DynamicCache()
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+            use_cache=True, logits_to_keep=0 if any_prompt_logprobs else 1,
+        )
+        prompt_logprobs = [
+            None if k is None else _prompt_logprobs(out.logits[i], prompts[i], k)
+            for i, k in enumerate(want_prompt_logprobs)
+        ]
+        last_logits = out.logits[:, -1, :]
+        # Expand to one row per sequence: rows of a request with n > 1 share its prompt's cache.
+        rows = torch.tensor([handles.index(s.handle) for s in sequences], device=device)
+        if len(rows) != len(handles) or not torch.equal(rows, torch.arange(len(handles), device=device)):
+            cache.batch_select_indices(rows)
+            last_logits = last_logits[rows]
+            attention_mask = attention_mask[rows]
+        batch = cls(sequences, torch.empty(0, dtype=torch.long, device=device), attention_mask, cache, vocab_size)
+        return batch, last_logits, prompt_logprobs
+
+    @classmethod
+    def concatenate(cls, batches: list["Batch"]) -> "Batch":
+        """Merge batches, left-padding the shorter ones' caches and masks to the longest."""
+        batches = [b for b in batches if b is not None and len(b)]
+        if len(batches) == 1:
+            return batches[0]
+        width = max(b.padded_length for b in batches)
+        masks = [F.pad(b.attention_mask, (width - b.padded_length, 0)) for b in batches]
+        layers = []
+        for per_batch in zip(*(_layers(b.cache) for b in batches)):
+            keys = torch.cat([F.pad(k, (0, 0, width - k.shape[-2], 0)) for k, _ in per_batch])
+            values = torch.cat([F.pad(v, (0, 0, width - v.shape[-2], 0)) for _, v in per_batch])
+            layers.append((keys, values))
+        merged = cls(
+            [s for b in batches for s in b.sequences],
+            torch.cat([b.next_tokens for b in batches]),
+            torch.cat(masks),
+            _cache_from_layers(layers),
+            batches[0].vocab_size,
+        )
+        return merged
+
+    def filter(self, keep: list[int]) -> "Batch | None":
+        """Keep only the rows at `keep`; free everything else, padding columns included."""
+        if not keep:
+            return None
+        if len(keep) == len(self):
+            return self
+        index = torch.tensor(keep, device=self.device)
+        mask = self.attention_mask[index]
+        # Columns that are padding for every remaining row are dropped.
+        first_used = int(mask.any(dim=0).nonzero()[0])
+        mask = mask[:, first_used:]
+        layers = [(k[index, :, first_used:], v[index, :, first_used:]) for k, v in _layers(self.cache)]
+        kept = Batch(
+            [self.sequences[i] for i in keep], self.next_tokens[index], mask, _cache_from_layers(layers),
+            self.vocab_size,
+        )
+        return kept
+
+    def _build_penalty_state(self) -> None:
+        rows = len(self)
+        self.prompt_seen = torch.zeros((rows, self.vocab_size), dtype=torch.bool, device=self.device)
+        self.output_counts = torch.zeros((rows, self.vocab_size), dtype=torch.int32, device=self.device)
+        for row, seq in enumerate(self.sequences):
+            self.prompt_seen[row, list(seq.prompt_ids)] = True
+            if seq.generated:
+                ids = torch.tensor(seq.generated, device=self.device)
+                self.output_counts[row].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+    # ---- stepping -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, model) -> torch.Tensor:
+        """One decoding step for every row; returns the next-token logits [B, V]."""
+        self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
+        positions = self.attention_mask.sum(dim=-1, keepdim=True) - 1
+        out = model(
+            input_ids=self.next_tokens.unsqueeze(1), attention_mask=self.attention_mask, position_ids=positions,
+            cache=self.cache, use_cache=True,
+        )
+        return out.logits[:, -1, :]
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """The tokens just chosen become the next step's input and count for the penalties."""
+        self.next_tokens = tokens
+        if self.output_counts is not None:
+            self.output_counts.scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: tuple[int, ...], top: int) -> list[TokenLogprob | None]:
+    """Log-probability of each prompt token given the ones before it (the first has none)."""
+    if len(prompt) < 2:
+        return [None] * len(prompt)
+    # This row is left-padded: its prompt occupies the last len(prompt) positions.
+    predicting = logits[-len(prompt):-1]
+    targets = torch.tensor(prompt[1:], device=logits.device)
+    return [None, *token_logprobs(predicting, targets, top)]

@@ -1,0 +1,135 @@
+"""Choosing each row's next token with that row's own parameters, for the whole batch at once.
+
+Every filter (top-k, top-p, typical-p) is reduced to a mask over the vocabulary, and sampling
+always walks the vocabulary in its natural order with one uniform number drawn from the row's
+own random generator. So a row's token depends only on its logits, its parameters and its seed,
+never on which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from app.engine.request import SamplingParams, TokenLogprob
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters as tensors; rebuilt only when the batch's rows change."""
+
+    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor  # [B, 1]
+    top_k: torch.Tensor  # [B] long, 0 = off
+    top_p: torch.Tensor  # [B, 1]
+    typical_p: torch.Tensor  # [B, 1]
+    repetition: torch.Tensor  # [B, 1]
+    presence: torch.Tensor  # [B, 1]
+    frequency: torch.Tensor  # [B, 1]
+    all_greedy: bool
+    use_top_k: bool
+    needs_full_sort: bool  # some sampling row has top-p without top-k: its nucleus may reach past any k
+    use_typical: bool
+    use_repetition: bool
+    use_presence_frequency: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], device: torch.device) -> "SamplingTensors":
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+
+        sampling = [p for p in params if p.do_sample]
+        return cls(
+            greedy=torch.tensor([not p.do_sample for p in params], device=device),
+            temperature=column([p.temperature if p.do_sample else 1.0 for p in params]),
+            top_k=torch.tensor([p.top_k if p.do_sample else 0 for p in params], dtype=torch.long, device=device),
+            top_p=column([min(p.top_p, 1.0) if p.do_sample else 1.0 for p in params]),
+            typical_p=column([min(p.typical_p, 1.0) if p.do_sample else 1.0 for p in params]),
+            repetition=column([p.repetition_penalty for p in params]),
+            presence=column([p.presence_penalty for p in params]),
+            frequency=column([p.frequency_penalty for p in params]),
+            all_greedy=not sampling,
+            use_top_k=any(p.top_k > 0 for p in sampling),
+            needs_full_sort=any(p.top_k == 0 and p.top_p < 1.0 for p in sampling),
+            use_typical=any(p.typical_p < 1.0 for p in sampling),
+            use_repetition=any(p.repetition_penalty != 1.0 for p in params),
+            use_presence_frequency=any(p.presence_penalty or p.frequency_penalty for p in params),
+        )
+
+
+def apply_penalties(logits, t: SamplingTensors, prompt_seen, output_counts):
+    if t.use_repetition:
+        seen = prompt_seen | (output_counts > 0)
+        penalized = torch.where(logits > 0, logits / t.repetition, logits * t.repetition)
+        logits = torch.where(seen, penalized, logits)
+    if t.use_presence_frequency:
+        counts = output_counts.to(logits.dtype)
+        logits = logits - t.frequency * counts - t.presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _typical_mask(logits, typical_p):
+    """Tokens outside each row's locally typical set (Meister et al.), as in transformers' warper."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nansum(-1, keepdim=True)
+    shifted = (-log_probs - entropy).abs()
+    sorted_shifted, order = torch.sort(shifted, dim=-1)
+    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < typical_p).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    return shifted > sorted_shifted.gather(-1, last)
+
+
+def _threshold_mask(logits, t: SamplingTensors):
+    """Tokens below each row's top-k / top-p cut-off. Rows with neither filter keep everything."""
+    vocab = logits.shape[-1]
+    if t.needs_full_sort:
+        candidates, _ = torch.sort(logits, dim=-1, descending=True)
+    else:
+        k_max = min(int(t.top_k.max()), vocab)
+        candidates, _ = torch.topk(logits, k_max, dim=-1)
+    width = candidates.shape[-1]
+    k = torch.where(t.top_k > 0, t.top_k.clamp(max=width), torch.full_like(t.top_k, width))
+    position = torch.arange(width, device=logits.device).unsqueeze(0)
+    candidates = candidates.masked_fill(position >= k.unsqueeze(1), NEG_INF)
+    probs = candidates.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    candidates = candidates.masked_fill((mass_before >= t.top_p) & (position > 0) & (t.top_p < 1.0), NEG_INF)
+    last_kept = (candidates > NEG_INF).sum(dim=-1, keepdim=True) - 1
+    cutoff = candidates.gather(-1, last_kept)
+    filtered = ((t.top_k > 0) | (t.top_p.squeeze(1) < 1.0)).unsqueeze(1)
+    return (logits < cutoff) & filtered
+
+
+def choose_tokens(logits: torch.Tensor, t: SamplingTensors, uniforms: torch.Tensor) -> torch.Tensor:
+    """Next token per row: argmax for greedy rows, a filtered draw for sampling rows.
+
+    `logits` [B, V] float32 already carry the penalties; `uniforms` [B] are the rows' draws in [0, 1).
+    """
+    greedy_tokens = logits.argmax(dim=-1)
+    if t.all_greedy:
+        return greedy_tokens
+    scaled = logits / t.temperature
+    if t.use_typical:
+        scaled = scaled.masked_fill(_typical_mask(scaled, t.typical_p), NEG_INF)
+    if t.use_top_k or t.needs_full_sort:
+        scaled = scaled.masked_fill(_threshold_mask(scaled, t), NEG_INF)
+    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
+    targets = (uniforms.unsqueeze(1) * cdf[:, -1:]).to(cdf.dtype)
+    sampled = torch.searchsorted(cdf, targets).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    return torch.where(t.greedy, greedy_tokens, sampled)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """The model's log-probability of each chosen token and of its `top` most likely alternatives."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = log_probs.gather(-1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    if top > 0:
+        top_values, top_ids = log_probs.topk(top, dim=-1)
+        top_pairs = [tuple(zip(ids, values)) for ids, values in zip(top_ids.tolist(), top_values.tolist())]
+    else:
+        top_pairs = [()] * len(chosen)
+    return [TokenLogprob(token, lp, pairs) for token, lp, pairs in zip(tokens.tolist(), chosen, top_pairs)]
