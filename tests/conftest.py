@@ -1,0 +1,140 @@
+"""Shared fixtures: tiny real models in a Hugging Face cache, and the real server started with `python -m app`.
+
+The tiny models are made offline by `scripts/make_tiny_models.py` and installed into a private
+`HF_HOME` by `scripts/prefetch_model.py --from-folder` under repo ids, so the server loads them by
+id with `HF_HUB_OFFLINE=1` exactly as it loads a prefetched hub model in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ARCHITECTURES = ("gpt2", "gpt-neo", "gptj")
+REPO_IDS = {arch: f"test-org/tiny-{arch}" for arch in ARCHITECTURES}
+
+
+@dataclass
+class TinyModels:
+    hf_home: pathlib.Path
+    folders: dict[str, pathlib.Path]  # architecture -> save_pretrained folder
+    repo_ids: dict[str, str]  # architecture -> repo id in hf_home
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    base = tmp_path_factory.mktemp("tiny-models")
+    hf_home = base / "hf-home"
+    subprocess.run([sys.executable, str(ROOT / "scripts/make_tiny_models.py"), str(base / "folders")],
+                   check=True, capture_output=True)
+    folders = {arch: base / "folders" / arch for arch in ARCHITECTURES}
+    for arch, folder in folders.items():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts/prefetch_model.py"), "--from-folder", str(folder),
+             "--cache-dir", str(hf_home / "hub"), REPO_IDS[arch]],
+            check=True, capture_output=True,
+        )
+    return TinyModels(hf_home=hf_home, folders=folders, repo_ids=dict(REPO_IDS))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A real server process: `python -m app` with the given environment."""
+
+    def __init__(self, env: dict[str, str], cwd: pathlib.Path, log_path: pathlib.Path):
+        self.port = int(env["PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app"], env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log}")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+def server_env(tiny_models: TinyModels, **settings) -> dict[str, str]:
+    """Environment for a server on a free port serving tiny GPT-2 unless told otherwise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SRVREST_", "MODEL_", "API_KEY"))}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        HF_HOME=str(tiny_models.hf_home),
+        MODEL_ID=tiny_models.repo_ids["gpt2"],
+        HOST="127.0.0.1",
+        PORT=str(free_port()),
+        TORCH_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({key.upper(): str(value) for key, value in settings.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_models, tmp_path_factory):
+    """Factory: `start_server(MODEL_ID=..., MAX_QUEUE=...)` starts a server and waits until it is ready.
+
+    Every server started this way is stopped at the end of the session; stop one earlier with `.stop()`.
+    The working directory is an empty folder, so the repository's `.env` does not apply.
+    """
+    started: list[Server] = []
+
+    def start(wait: bool = True, cwd: pathlib.Path | None = None, **settings) -> Server:
+        run_dir = cwd or tmp_path_factory.mktemp("server")
+        server = Server(server_env(tiny_models, **settings), run_dir, run_dir / "server.log")
+        started.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in started:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def gpt2_server(start_server) -> Server:
+    """One shared server with tiny GPT-2 and default settings, for tests that do not change settings."""
+    return start_server()
