@@ -124,11 +124,11 @@ class Batch:
         return batch, last_logits, prompt_logprobs
 
     @classmethod
-    def concatenate(cls, batches: list["Batch"]) -> "Batch":
+    def concatenate(cls, batches: list["Batch"]) -> "Batch | None":
         """Merge batches, left-padding the shorter ones' caches and masks to the longest."""
         batches = [b for b in batches if b is not None and len(b)]
-        if len(batches) == 1:
-            return batches[0]
+        if len(batches) <= 1:  # none left when every new row finished on its first token
+            return batches[0] if batches else None
         width = max(b.padded_length for b in batches)
         masks = [F.pad(b.attention_mask, (width - b.padded_length, 0)) for b in batches]
         layers = []
