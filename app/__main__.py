@@ -9,7 +9,7 @@ from gunicorn.app.base import BaseApplication
 
 from app.factory import create_app
 from app.gunicorn_conf import gunicorn_options
-from app.model_loader import ModelLoadError, check_model_available
+from app.model_loader import ModelLoadError, check_device_available, check_model_available
 from app.settings import Settings, SettingsError, load_settings
 
 
@@ -31,6 +31,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings()
+        check_device_available(settings)
         check_model_available(settings)
     except (SettingsError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)

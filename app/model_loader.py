@@ -36,16 +36,28 @@ class LoadedModel:
         return str(self.dtype).removeprefix("torch.")
 
 
-def resolve_device(name: str) -> torch.device:
+def device_setting(settings: Settings) -> str:
+    """How the operator chose the device, for messages: `DEVICE=cuda:0` or the legacy key behind it."""
+    if "device" not in settings.model_fields_set and settings.srvrest_cuda_dev is not None:
+        return f"SRVREST_CUDA_DEV={settings.srvrest_cuda_dev} (DEVICE={settings.device})"
+    return f"DEVICE={settings.device}"
+
+
+def _no_cuda_message(setting: str) -> str:
+    return f"{setting} but no CUDA device is available; use DEVICE=cpu or DEVICE=auto"
+
+
+def resolve_device(name: str, setting: str | None = None) -> torch.device:
+    setting = setting or f"DEVICE={name}"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelLoadError(f"DEVICE={name} but no CUDA device is available; use DEVICE=cpu or DEVICE=auto")
+            raise ModelLoadError(_no_cuda_message(setting))
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ModelLoadError(
-                f"DEVICE={name} but only {torch.cuda.device_count()} CUDA device(s) exist (cuda:0..)"
+                f"{setting} but only {torch.cuda.device_count()} CUDA device(s) exist (cuda:0..)"
             )
     return device
 
@@ -75,20 +87,34 @@ def hf_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
+def _in_cache(model_id: str) -> bool:
+    """Whether the HF cache holds anything of this repo (then a load failure is not simply "missing")."""
+    folder = "models--" + model_id.replace("/", "--")
+    return os.path.isdir(os.path.join(hf_cache_dir(), folder))
+
+
 def _not_found_message(settings: Settings, cause: Exception) -> str:
-    return (
-        f"model {settings.model_id!r} (revision {settings.model_revision!r}) was not found: it is neither a local "
+    model_id = settings.model_id
+    if model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(model_id):
+        return f"MODEL_ID={model_id!r} looks like a folder, but there is no such folder"
+    message = (
+        f"model {model_id!r} (revision {settings.model_revision!r}) was not found: it is neither a local "
         f"folder nor in the Hugging Face cache at {hf_cache_dir()} (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}). "
-        f"Prefetch it with `python scripts/prefetch_model.py {settings.model_id}` (or rebuild the image with "
-        f"MODEL_ID={settings.model_id}). Cause: {cause}"
+        f"Prefetch it with `python scripts/prefetch_model.py {model_id}` (or rebuild the image with "
+        f"MODEL_ID={model_id})."
     )
+    if settings.model_is_local_folder or _in_cache(model_id):
+        # The files are (partly) there but do not load: the library's reason is the useful part. Without
+        # them its reason talks about connecting to the hub, which this server never does.
+        message += f" Cause: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
+    return message
 
 
 def load_model(settings: Settings) -> LoadedModel:
     """Load tokenizer and model from local files only; never touches the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, device_setting(settings))
     dtype = resolve_dtype(settings.dtype, device)
     source = dict(revision=settings.model_revision, local_files_only=True)
     started = time.perf_counter()
@@ -122,6 +148,16 @@ def load_model(settings: Settings) -> LoadedModel:
         loaded.context_length,
     )
     return loaded
+
+
+def check_device_available(settings: Settings) -> None:
+    """Fail fast when a CUDA device is asked of a PyTorch built without CUDA.
+
+    Runs in the gunicorn master before it forks the worker, so it must not initialise CUDA (a forked
+    child cannot use CUDA its parent initialised); with a CUDA build the worker checks the device.
+    """
+    if settings.device.startswith("cuda") and not torch.backends.cuda.is_built():
+        raise ModelLoadError(_no_cuda_message(device_setting(settings)) + " (this PyTorch is built without CUDA)")
 
 
 def check_model_available(settings: Settings) -> None:
