@@ -12,7 +12,14 @@ from flask import Blueprint, jsonify
 
 from app.api import generation as gen
 from app.api.errors import ApiError
-from app.api.legacy_schemas import LegacyGenerateRequest
+from app.api.legacy_schemas import (
+    LegacyGenerateRequest,
+    LegacyGenerateResponse,
+    LegacyStreamDelta,
+    LegacyStreamDone,
+    Sentence,
+    Usage,
+)
 from app.engine import Delta, Finished, GenerationRequest, SamplingParams
 
 bp = Blueprint("legacy", __name__)
@@ -27,13 +34,19 @@ def _to_engine_request(body: LegacyGenerateRequest) -> tuple[GenerationRequest, 
                  f"(MAX_NUM_RETURN_SEQUENCES); got {body.num_return_sequences}",
             param="num_return_sequences", code="too_many_sequences",
         )
+    if len(body.stop) > limits.max_stop_sequences:
+        raise ApiError(
+            422, f"stop: at most {limits.max_stop_sequences} stop strings on this server (MAX_STOP_SEQUENCES); "
+                 f"got {len(body.stop)}",
+            param="stop", code="too_many_stop_sequences",
+        )
     prompt_ids = gen.encode(body.text.prompt)
     if body.max_new_tokens is not None:
         new_tokens, param = body.max_new_tokens, "max_new_tokens"
     else:
         new_tokens, param = body.max_length - len(prompt_ids), "max_length"
         if new_tokens < 1:
-                raise ApiError(
+            raise ApiError(
                 422, f"max_length ({body.max_length}) counts the prompt too and must exceed the prompt's "
                      f"{len(prompt_ids)} tokens",
                 param="max_length", code="max_length_too_small",
@@ -65,18 +78,18 @@ def generate():
     request, prompt = _to_engine_request(body)
     started = time.perf_counter()
     result = gen.run_to_completion(request)
-    return jsonify({
-        "model": gen.loaded_model().model_id,
-        "s_elapsed": f"{time.perf_counter() - started:.2f}",
-        "sentences": [
-            {"generated_text": prompt + c.text, "finish_reason": c.finish_reason} for c in result.completions
-        ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
-    })
+    response = LegacyGenerateResponse(
+        model=gen.loaded_model().model_id,
+        s_elapsed=f"{time.perf_counter() - started:.2f}",
+        sentences=[Sentence(generated_text=prompt + c.text, finish_reason=c.finish_reason) for c in result.completions],
+        usage=_usage(result.prompt_tokens, result.completion_tokens),
+    )
+    return jsonify(response.model_dump())
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
 
 
 @bp.post("/generate_stream")
@@ -96,18 +109,15 @@ def generate_stream():
                 if event.finish_reason:
                     finish_reasons[event.index] = event.finish_reason
                 if event.text or event.finish_reason:
-                    yield {"index": event.index, "text": event.text, "finish_reason": event.finish_reason}
+                    yield LegacyStreamDelta(
+                        index=event.index, text=event.text, finish_reason=event.finish_reason,
+                    ).model_dump()
             elif isinstance(event, Finished):
-                yield {
-                    "done": True,
-                    "model": model_id,
-                    "s_elapsed": f"{time.perf_counter() - started:.2f}",
-                    "finish_reasons": finish_reasons,
-                    "usage": {
-                        "prompt_tokens": event.prompt_tokens,
-                        "completion_tokens": event.completion_tokens,
-                        "total_tokens": event.prompt_tokens + event.completion_tokens,
-                    },
-                }
+                yield LegacyStreamDone(
+                    model=model_id,
+                    s_elapsed=f"{time.perf_counter() - started:.2f}",
+                    finish_reasons=finish_reasons,
+                    usage=_usage(event.prompt_tokens, event.completion_tokens),
+                ).model_dump()
 
     return gen.sse_response(events())

@@ -1,7 +1,8 @@
-"""Request body of the original API (`POST /generate`), validated with pydantic.
+"""Request and response bodies of the original API (`POST /generate`, `POST /`, `POST /generate_stream`).
 
 Field names, defaults and meanings are the original server's; fields after the first block are
-additions that old clients never send.
+additions that old clients never send (requests) or may ignore (responses). The routes build their
+responses from these models too, so the OpenAPI document generated from them matches the wire.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
@@ -33,13 +35,18 @@ class TextInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    plain: str | None = None
-    in_64: str | None = None
+    plain: str | None = Field(None, description="the prompt as text")
+    in_64: str | None = Field(
+        None, description="the prompt as base64 of its UTF-8 bytes; whitespace, line breaks and missing padding "
+                          "are tolerated; ignored when `plain` is given",
+    )
 
     @field_validator("in_64")
     @classmethod
-    def _decode(cls, value: str | None) -> str | None:
-        return None if value is None else decode_base64_text(value)
+    def _decode(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or info.data.get("plain") is not None:  # `plain` wins: `in_64` is not even read
+            return None
+        return decode_base64_text(value)
 
     @model_validator(mode="after")
     def _one_given(self) -> "TextInput":
@@ -52,16 +59,22 @@ class TextInput(BaseModel):
         return self.plain if self.plain is not None else self.in_64
 
 
-class LegacyGenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+_NUMBERS = ("top_p", "top_k", "temperature", "max_length", "num_return_sequences", "max_new_tokens", "typical_p",
+            "repetition_penalty", "seed")
 
-    text: TextInput
-    do_sample: StrictBool = False
+
+class LegacyGenerateRequest(BaseModel):
+    # Unknown fields are ignored, as the original did; NaN and infinities (which Python's JSON parser
+    # accepts) are refused rather than handed to the sampler.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    text: TextInput = Field(description='the prompt: `{"plain": "..."}` or `{"in_64": "<base64>"}`')
+    do_sample: StrictBool = Field(False, description="sample instead of greedy decoding")
     top_p: float = Field(100, description="nucleus sampling; any value >= 1 turns it off")
     top_k: int = Field(50, ge=0, description="top-k filter; 0 turns it off")
-    temperature: float = Field(1.0, ge=0, description="must be > 0 when sampling")
+    temperature: float = Field(1.0, ge=0, description="must be > 0 when sampling; ignored by greedy decoding")
     max_length: int = Field(20, ge=1, description="total length in tokens, prompt included")
-    num_return_sequences: int = Field(1, ge=1)
+    num_return_sequences: int = Field(1, ge=1, description="completions to return; more than 1 needs do_sample")
 
     # Additions: per-request controls the engine offers beyond the original API.
     max_new_tokens: int | None = Field(None, ge=1, description="new tokens to generate; overrides max_length")
@@ -69,6 +82,24 @@ class LegacyGenerateRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, description="1 = off; > 1 discourages repeats")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="the same seed gives the same text")
     stop: list[str] = Field(default_factory=list, description="strings that end a sequence (not returned)")
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text_is_object(cls, value):
+        if not isinstance(value, dict):
+            raise ValueError(
+                f'must be an object, {{"plain": "<prompt>"}} or {{"in_64": "<base64 of the prompt>"}}; '
+                f"got {_json_type(value)}"
+            )
+        return value
+
+    @field_validator(*_NUMBERS, mode="before")
+    @classmethod
+    def _not_a_bool(cls, value):
+        # pydantic would read true/false as 1/0; a boolean here is a client's mistake, not a number.
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -97,3 +128,77 @@ class LegacyGenerateRequest(BaseModel):
         if value > 1 and info.data.get("do_sample") is False:
             raise ValueError("must be 1 unless do_sample is true: greedy decoding gives the same text every time")
         return value
+
+
+def _json_type(value) -> str:
+    names = {str: "a string", list: "an array", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+# ---- Responses -----------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class Sentence(BaseModel):
+    generated_text: str = Field(
+        description="the prompt (decoded, for `in_64`) followed by the generated continuation; special tokens "
+                    "removed, stop strings cut off",
+    )
+    finish_reason: FinishReason | None = Field(
+        description='"length": max_length / max_new_tokens reached; "stop": end-of-text token or a stop string',
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="tokens in the prompt")
+    completion_tokens: int = Field(description="tokens generated, over all returned sequences")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens")
+
+
+class LegacyGenerateResponse(BaseModel):
+    """200 answer of `POST /generate` and `POST /`; the first three fields are the original's."""
+
+    model: str = Field(description="id of the served model (a Hugging Face repo id or the folder it was loaded from)")
+    s_elapsed: str = Field(pattern=r"^\d+\.\d{2}$", description="seconds spent generating, as a string with two decimals")
+    sentences: list[Sentence] = Field(description="one entry per returned sequence (num_return_sequences)")
+    usage: Usage
+
+
+class LegacyStreamDelta(BaseModel):
+    """One `data:` event of `POST /generate_stream`: new text of one sequence (the prompt is not repeated)."""
+
+    index: int = Field(description="which sequence, 0 .. num_return_sequences - 1")
+    text: str = Field(description="text generated since this sequence's previous event")
+    finish_reason: FinishReason | None = Field(description="set on the sequence's last event")
+
+
+class LegacyStreamDone(BaseModel):
+    """The last `data:` event of `POST /generate_stream`, once every sequence has finished."""
+
+    done: Literal[True] = True
+    model: str = Field(description="id of the served model")
+    s_elapsed: str = Field(pattern=r"^\d+\.\d{2}$", description="seconds spent generating, two decimals")
+    finish_reasons: list[FinishReason | None] = Field(description="finish reason of each sequence, by index")
+    usage: Usage
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(description="what is wrong, naming the field (`field: reason`) where one is at fault")
+    type: str = Field(description='class of error, e.g. "invalid_request_error", "overloaded_error"')
+    param: str | None = Field(description='the field at fault, dotted for nested ones (e.g. "text.in_64")')
+    code: str | None = Field(description='machine-readable reason, e.g. "context_length_exceeded"')
+
+
+class ErrorDetailItem(BaseModel):
+    loc: list[str] = Field(description='where the problem is: ["body", field, ...]')
+    msg: str
+    type: str
+
+
+class LegacyErrorResponse(BaseModel):
+    """Every 4xx/5xx answer of the original API's routes: one error, plus the FastAPI-style `detail` list
+    the original server's clients read."""
+
+    error: ErrorInfo
+    detail: list[ErrorDetailItem]
