@@ -11,6 +11,7 @@ from typing import Iterable, Iterator
 
 from flask import Response, current_app, request, stream_with_context
 
+from app import request_log
 from app.api.errors import ApiError
 from app.engine import Engine, EngineError, GenerationRequest, RequestHandle
 
@@ -37,10 +38,13 @@ def loaded_model():
 
 
 def json_body() -> dict:
-    """The request's JSON object, whatever Content-Type the client sent (old clients send none)."""
+    """The request's JSON object, whatever Content-Type the client sent (old clients send none).
+
+    Raw line breaks and tabs inside strings are tolerated (`strict=False`): old shell scripts paste
+    wrapped `base64` output straight into a JSON string."""
     raw = request.get_data(cache=True)
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, strict=False)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -108,7 +112,9 @@ def client_connected() -> bool:
 
 
 def submit(generation: GenerationRequest) -> RequestHandle:
-    return engine().submit(generation)
+    handle = engine().submit(generation)
+    request_log.track(handle)  # its token counts go into the request's access line
+    return handle
 
 
 def run_to_completion(generation: GenerationRequest):
