@@ -133,6 +133,7 @@ class RequestHandle:
         self.request = request
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.submitted_at = time.monotonic()
+        self.tokens_received = 0  # generated tokens read so far, over all sequences (for the access log)
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -159,6 +160,8 @@ class RequestHandle:
                 continue
             if isinstance(event, EngineError):
                 raise event
+            if isinstance(event, Delta):
+                self.tokens_received += len(event.token_ids)
             yield event
             if isinstance(event, Finished):
                 return

@@ -1,0 +1,84 @@
+"""Logging for the whole process: one format (LOG_FORMAT=text|json), one level (LOG_LEVEL), one stream.
+
+The app's loggers, gunicorn's own lines (through `GunicornLogger`) and the per-request access lines
+all go through the root logger's single handler on stderr, so `LOG_FORMAT=json` gives one JSON
+object per line for every line the server writes.
+
+Structured fields travel in `extra={"fields": {...}}`: the text format shows only the message (which
+already says everything), the JSON format adds the fields as keys.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+
+from flask import has_request_context, request
+from gunicorn import glogging
+
+from app.settings import Settings
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Where the request id lives while a request is served (set by app/observability.py).
+REQUEST_ID_KEY = "app.request_id"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, request_id, fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            entry["request_id"] = request_id
+        entry.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class RequestIdFilter(logging.Filter):
+    """Tags every record written while a request is served with that request's id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id") and has_request_context():
+            record.request_id = request.environ.get(REQUEST_ID_KEY)
+        return True
+
+
+def configure_logging(settings: Settings) -> None:
+    """Replace the root logger's handlers with one stderr handler in the configured format and level."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+
+
+class GunicornLogger(glogging.Logger):
+    """Gunicorn's logger, writing through the root handler instead of its own (so JSON applies too).
+
+    Gunicorn's access log stays off: the app writes a richer access line itself.
+    """
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                if getattr(handler, "_gunicorn", False):
+                    log.removeHandler(handler)
+            log.propagate = True
