@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from gunicorn.app.base import BaseApplication
 
 from app.factory import create_app
 from app.gunicorn_conf import gunicorn_options
+from app.logging_setup import configure_logging
 from app.model_loader import ModelLoadError, check_device_available, check_model_available
 from app.settings import Settings, SettingsError, load_settings
 
@@ -31,13 +33,23 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings()
+        configure_logging(settings)  # LOG_FORMAT / LOG_LEVEL from here on, gunicorn's lines included
         check_device_available(settings)
         check_model_available(settings)
     except (SettingsError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    Server(settings).run()
-    return 0
+    try:
+        Server(settings).run()
+        code = 0
+    except SystemExit as exc:  # how gunicorn ends both the master and, after its fork, the worker
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    # Everything is finished; skip the interpreter's teardown of torch and co, which takes seconds
+    # and would hold up a restart.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

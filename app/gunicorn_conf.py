@@ -7,6 +7,11 @@ engine generates for all of them together.
 
 from __future__ import annotations
 
+import math
+import signal
+
+from app import draining
+from app.logging_setup import GunicornLogger
 from app.settings import Settings
 
 
@@ -21,12 +26,35 @@ def gunicorn_options(settings: Settings) -> dict:
         # minutes on a slow CPU are safe; this only catches a worker that hangs entirely.
         "timeout": 300,
         # On SIGTERM running generations get this long to finish before the worker is stopped.
-        "graceful_timeout": int(settings.graceful_timeout),
+        "graceful_timeout": math.ceil(settings.graceful_timeout),
         "keepalive": 5,
         "preload_app": False,
+        # The app writes its own access line (request id, tokens); gunicorn's lines go through the
+        # app's log handler so that LOG_FORMAT=json covers them too.
         "accesslog": None,
         "errorlog": "-",
-        "loglevel": "info",
+        "loglevel": settings.log_level,
+        "logger_class": GunicornLogger,
+        # The control socket (for `gunicornc`) is of no use here, and its default place under $HOME
+        # is unwritable for a non-root container user and shared by every server of one user.
+        "control_socket_disable": True,
+        "post_worker_init": _drain_on_sigterm,
         # Generation requests can be long; never let a slow proxy's body read time out at the default.
         "limit_request_line": 8190,
     }
+
+
+def _drain_on_sigterm(worker) -> None:
+    """Wrap the worker's SIGTERM handler: the app starts draining (app/draining.py), then gunicorn's
+    own handler stops the accept loop and waits for open connections up to graceful_timeout."""
+    app = worker.wsgi
+    gunicorn_handler = signal.getsignal(signal.SIGTERM)
+
+    def handle_sigterm(signum, frame):
+        try:
+            draining.on_sigterm(app, worker)
+        finally:
+            gunicorn_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, handle_sigterm)
+    signal.siginterrupt(signal.SIGTERM, False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 
 from flask import has_request_context, request
@@ -67,6 +68,21 @@ def configure_logging(settings: Settings) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    if settings.log_format == "json":
+        _quiet_library_output()
+
+
+def _quiet_library_output() -> None:
+    """Send transformers' own log lines through the root handler and drop the progress bars (they
+    draw with carriage returns on stderr, which no log collector can parse)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    transformers_logging.disable_progress_bar()
 
 
 class GunicornLogger(glogging.Logger):

@@ -11,7 +11,7 @@ import os
 import re
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The original project's `.env` chose the model by index into this list (SRVREST_MODEL).
@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
+    # Memory: what the model may use, and what happens when it does not fit (see app/model_loader.py).
+    memory_limit: ByteSize = Field(
+        ByteSize(0), description="most memory (RAM on the CPU, GPU memory on a GPU) the model, its key/value cache "
+        "and working space may use, e.g. 12GiB; 0 = whatever is free at boot",
+    )
+    offload: Literal["none", "auto"] = Field(
+        "none", description="auto: on a GPU, weights that do not fit stay in CPU RAM (slower); none: they must fit",
+    )
+    fit_check: bool = Field(True, description="refuse to start, or lower the batch limits, when the model would not fit")
+
     # HTTP.
     host: str = "127.0.0.1"
     port: int = Field(49151, ge=1, le=65535)
@@ -58,9 +68,20 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait before it is refused")
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = physical cores")
 
+    # Access control: with keys set, every route but the health check needs one (see app/auth.py).
+    api_key: str | None = Field(None, description="API keys, comma-separated; unset or empty = no auth")
+    api_key_file: str | None = Field(None, description="file with one API key per line (# comments allowed)")
+    cors_origins: str | None = Field(None, description='"*" or comma-separated origins allowed to call from a browser')
+
+    # Logs.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
     # Legacy keys of the original project's .env; used only where the new keys are unset.
     srvrest_model: int | None = Field(None, ge=0, le=len(LEGACY_MODELS) - 1)
     srvrest_cuda_dev: int | None = Field(None, ge=-1)
+
+    _api_keys: tuple[str, ...] = PrivateAttr(())
 
     @field_validator("device")
     @classmethod
@@ -76,6 +97,54 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value.strip()
 
+    @field_validator("offload", mode="before")
+    @classmethod
+    def _offload_lower_case(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_keys(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # `API_KEY=` (e.g. an empty compose variable) means no key
+        for key in value.split(","):
+            _check_key(key.strip(), "a key between commas")
+        return value
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _check_api_key_file(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        keys = read_key_file(value)
+        if not keys:
+            raise ValueError("the file holds no key (one key per line; blank lines and # comments are skipped)")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for origin in value.split(","):
+            origin = origin.strip()
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not * or an origin like https://example.com or http://localhost:3000")
+        return value
+
+    @model_validator(mode="after")
+    def _read_api_keys(self) -> "Settings":
+        keys = [k.strip() for k in self.api_key.split(",")] if self.api_key else []
+        if self.api_key_file:
+            keys += read_key_file(self.api_key_file)
+        self._api_keys = tuple(dict.fromkeys(keys))
+        return self
+
     @model_validator(mode="after")
     def _apply_legacy_keys(self) -> "Settings":
         # An old .env sets only SRVREST_*; an explicit MODEL_ID / DEVICE wins over them.
@@ -90,6 +159,51 @@ class Settings(BaseSettings):
     def model_is_local_folder(self) -> bool:
         return os.path.isdir(self.model_id)
 
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """Every accepted API key, from API_KEY and API_KEY_FILE; empty when auth is off."""
+        return self._api_keys
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",")] if self.cors_origins else []
+
+
+# An origin as browsers send it: scheme, host and optional port, no path.
+_ORIGIN = re.compile(r"https?://[^/\s,]+")
+
+# Settings whose values never appear in an error message.
+SECRET_SETTINGS = {"API_KEY"}
+
+
+def _check_key(key: str, where: str) -> None:
+    if not key:
+        raise ValueError(f"{where} is empty")
+    if not all(33 <= ord(ch) <= 126 for ch in key):
+        raise ValueError(f"{where} has spaces or characters other than printable ASCII, which HTTP headers cannot carry")
+
+
+def read_key_file(path: str) -> list[str]:
+    """Keys of an API_KEY_FILE: one a line, surrounding whitespace, blank lines and `#` comments skipped."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except IsADirectoryError:
+        raise ValueError("is a folder, not a file") from None
+    except PermissionError:
+        raise ValueError(f"the server's user (uid {os.getuid()}) may not read it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot be read: {exc}") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        key = line.strip()
+        if key and not key.startswith("#"):
+            _check_key(key, f"the key on line {number}")
+            keys.append(key)
+    return keys
+
 
 def load_settings(**overrides) -> Settings:
     """Read the settings; on a bad value raise SettingsError with one line per problem."""
@@ -99,7 +213,7 @@ def load_settings(**overrides) -> Settings:
         lines = []
         for error in exc.errors():
             name = str(error["loc"][0]).upper() if error["loc"] else "settings"
-            value = error.get("input")
+            value = "<hidden>" if name in SECRET_SETTINGS else error.get("input")
             reason = error["msg"].removeprefix("Value error, ")
             lines.append(f"setting {name}={value!r} is invalid: {reason}")
         raise SettingsError("\n".join(lines)) from None

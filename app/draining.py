@@ -1,0 +1,102 @@
+"""Graceful shutdown: on SIGTERM stop taking requests, let running generations finish, then exit.
+
+How gunicorn's gthread worker stops on SIGTERM: the master closes its copy of the listening
+socket and sends SIGTERM to the worker; the worker leaves its accept loop and waits for its open
+connections (at most GRACEFUL_TIMEOUT), serving a request that arrives on a kept-alive connection
+in the first 2 s with `Connection: close`, then exits; the master exits 0 once the worker is gone
+and kills it at GRACEFUL_TIMEOUT if it is not. What this module adds (`on_sigterm`, called from the
+worker's SIGTERM handler, see app/gunicorn_conf.py):
+
+- The app starts draining: `/health` answers 503 "shutting_down" (load balancers stop sending) and
+  every other route but `/metrics` answers 503 JSON, so nothing new starts.
+- Connections already waiting in the listening socket's backlog are accepted and answered (503)
+  before the socket is closed: a client that connected just before SIGTERM gets an answer, never a
+  reset. From then on new connections are refused by the kernel, which clients retry elsewhere.
+- Shortly before the limit the engine stops: generations still running end with a 503 error (an
+  error event on a stream) instead of being cut off by SIGKILL mid-response.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from flask import Flask, current_app, request
+
+from app.api.errors import error_response
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DRAINING_KEY = "draining"
+
+# Endpoints still served while draining: health says "shutting_down" itself; metrics show the drain.
+SERVED_WHILE_DRAINING = frozenset({"health.health", "metrics.metrics"})
+
+
+def draining(app: Flask | None = None) -> bool:
+    return bool((app or current_app).extensions.get(DRAINING_KEY))
+
+
+def install(app: Flask, metrics: Metrics) -> None:
+    @app.before_request
+    def _refuse_while_draining():
+        if draining() and request.endpoint not in SERVED_WHILE_DRAINING:
+            metrics.refused("shutting_down")
+            return error_response(503, "the server is shutting down; retry on another instance or later",
+                                  code="shutting_down", retry_after=5)
+        return None
+
+
+def stop_margin(graceful_timeout: float) -> float:
+    """How long before the limit running generations are ended, so their answers can still be sent."""
+    return min(2.0, graceful_timeout / 2)
+
+
+def on_sigterm(app: Flask, worker) -> None:
+    """Start draining `app` served by a gunicorn gthread `worker` (called in the signal handler)."""
+    if draining(app):
+        return
+    app.extensions[DRAINING_KEY] = True
+    settings = app.extensions["settings"]
+    engine = app.extensions["engine"]
+    log.info(
+        "SIGTERM: no new requests; %d running and %d waiting get up to %g s (GRACEFUL_TIMEOUT) to finish",
+        engine.batch_size, engine.queue_size, settings.graceful_timeout,
+    )
+    timer = threading.Timer(settings.graceful_timeout - stop_margin(settings.graceful_timeout),
+                            _stop_engine, (engine,))
+    timer.daemon = True
+    timer.start()
+    # The worker's own structures belong to its main loop: run this there, not in the signal handler.
+    method_queue = getattr(worker, "method_queue", None)
+    if method_queue is not None:
+        method_queue.defer(_stop_listening, worker)
+
+
+def _stop_engine(engine) -> None:
+    if engine.batch_size or engine.queue_size:
+        log.warning("GRACEFUL_TIMEOUT is nearly over: ending %d running and %d waiting generation(s)",
+                    engine.batch_size, engine.queue_size)
+    engine.stop()
+
+
+def _stop_listening(worker) -> None:
+    """Answer the connections already in the backlog, then close the listening sockets."""
+    for listener in worker.sockets:
+        listener.setblocking(False)
+        while True:
+            before = worker.nr_conns
+            try:
+                worker.accept(listener)  # hands the connection to a thread; EAGAIN when the backlog is empty
+            except OSError:
+                break
+            if worker.nr_conns == before:
+                break
+    if worker._accepting:
+        worker.set_accept_enabled(False)
+    for listener in worker.sockets:
+        try:
+            listener.close()
+        except OSError:
+            pass
