@@ -80,7 +80,7 @@ class Server:
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log}")
