@@ -8,7 +8,7 @@ import os
 import torch
 from flask import Flask
 
-from app.api import health, legacy
+from app.api import health, legacy, openai
 from app.api.errors import register_error_handlers
 from app.engine import Engine, EngineObserver
 from app.engine.engine import default_threads
@@ -54,5 +54,6 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
     register_error_handlers(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(legacy.bp)
+    app.register_blueprint(openai.bp)
     engine.start()
     return app

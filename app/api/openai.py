@@ -1,0 +1,383 @@
+"""The OpenAI-compatible API: `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`.
+
+Same engine, same port as the original API. Each prompt of a request becomes one engine request
+(with `n` sequences); all of them are submitted together so that they batch, and choice `i` of
+prompt `p` is returned at index `p * n + i`, as OpenAI does.
+
+Errors have OpenAI's shape and the status codes its clients map to typed exceptions: invalid
+values are 400 (never 422), an unknown model is 404, overload is 503 with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from flask import Blueprint, jsonify
+from pydantic import ValidationError
+
+from app.api import generation as gen
+from app.api.errors import ApiError
+from app.api.openai_schemas import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamChunk,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from app.engine import Delta, Finished, GenerationRequest, RequestHandle, SamplingParams, TokenLogprob
+from app.engine.text import IncrementalDecoder
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+# `created` of the model card: when this server process started serving it.
+_STARTED = int(time.time())
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def _model_card() -> ModelCard:
+    settings = gen.settings()
+    model_id = settings.model_id
+    owner = model_id.split("/")[0] if "/" in model_id and not settings.model_is_local_folder else "gpt-server"
+    engine = gen.engine()
+    context = engine.loaded.context_length if engine.loaded is not None else None
+    return ModelCard(id=model_id, created=_STARTED, owned_by=owner, max_model_len=context)
+
+
+def _model_not_found(name: str) -> ApiError:
+    return ApiError(404, f"The model `{name}` does not exist. This server serves `{gen.settings().model_id}`.",
+                    param="model", code="model_not_found")
+
+
+@bp.get("/models")
+def list_models():
+    return jsonify(ModelList(data=[_model_card()]).model_dump())
+
+
+@bp.get("/models/<path:model_id>")
+def retrieve_model(model_id: str):
+    card = _model_card()
+    if model_id != card.id:
+        raise _model_not_found(model_id)
+    return jsonify(card.model_dump())
+
+
+# ---- turning a request into engine requests ------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One prompt of the request: what `echo` returns, and what the engine is asked to do."""
+
+    index: int  # position in the request's prompt list
+    prompt_ids: list[int]
+    prompt_text: str
+    generation: GenerationRequest | None  # None: nothing to run (max_tokens=0 without prompt logprobs)
+    keep_output: bool = True  # False: the engine ran only for the prompt's log-probabilities
+    handle: RequestHandle | None = None
+
+
+def _parse(body: dict) -> CompletionRequest:
+    """Validate the body; invalid values are 400 (OpenAI's clients expect no 422 here)."""
+    try:
+        return CompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        reason = first["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"{param}: {reason}" if param else reason, param=param, code=first["type"]) from None
+
+
+def _check_limits(req: CompletionRequest) -> None:
+    limits = gen.settings()
+    if req.model is not None and req.model != limits.model_id:
+        raise _model_not_found(req.model)
+    if req.n > limits.max_num_return_sequences:
+        raise ApiError(400, f"n: at most {limits.max_num_return_sequences} on this server (MAX_NUM_RETURN_SEQUENCES); "
+                            f"got {req.n}", param="n", code="too_many_sequences")
+    if len(req.stops) > limits.max_stop_sequences:
+        raise ApiError(400, f"stop: at most {limits.max_stop_sequences} stop sequences on this server "
+                            f"(MAX_STOP_SEQUENCES); got {len(req.stops)}", param="stop", code="too_many_stop_sequences")
+
+
+def _prompt_ids_and_text(prompt: str | list[int], position: int) -> tuple[list[int], str]:
+    loaded = gen.loaded_model()
+    if isinstance(prompt, str):
+        return gen.encode(prompt), prompt
+    vocab = loaded.model.config.get_text_config().vocab_size
+    bad = next((t for t in prompt if not 0 <= t < vocab), None)
+    if bad is not None:
+        param = "prompt" if position < 0 else f"prompt.{position}"
+        raise ApiError(400, f"{param}: token id {bad} is outside this model's vocabulary (0..{vocab - 1})",
+                       param=param, code="invalid_token_id")
+    return list(prompt), _backend_decode(loaded.tokenizer, prompt, skip_special_tokens=True)
+
+
+def _new_tokens(req: CompletionRequest, prompt_tokens: int) -> int:
+    if req.max_tokens is not None:
+        return req.max_tokens
+    # null: as many as the context, MAX_NEW_TOKENS and the batch's token budget allow.
+    limits = gen.settings()
+    room = min(gen.loaded_model().context_length - prompt_tokens, limits.max_new_tokens,
+               limits.max_batch_tokens // req.n - prompt_tokens)
+    return max(room, 1)  # at least one, so that a prompt that fills the context gets a clear error
+
+
+def _plan(req: CompletionRequest) -> list[_Job]:
+    do_sample = req.temperature > 0
+    sampling = SamplingParams(
+        do_sample=do_sample,
+        temperature=req.temperature if do_sample else 1.0,
+        top_k=max(req.top_k, 0),
+        top_p=req.top_p,
+        typical_p=req.typical_p,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        seed=req.seed,
+    )
+    prompts = req.prompts
+    single = isinstance(req.prompt, str) or isinstance(req.prompt[0], int)  # errors name prompt, not prompt.N
+    jobs = []
+    for index, prompt in enumerate(prompts):
+        ids, text = _prompt_ids_and_text(prompt, -1 if single else index)
+        new_tokens = _new_tokens(req, len(ids))
+        gen.check_fits(len(ids), new_tokens, "max_tokens", req.n, status=400)
+        prompt_logprobs = req.echo and req.logprobs is not None
+        if new_tokens == 0:
+            # The engine always generates at least one token. Prompt log-probabilities come with
+            # that first token at no extra model step, so run it for them and drop its output.
+            generation = None
+            if prompt_logprobs:
+                generation = GenerationRequest(prompt_ids=tuple(ids), max_new_tokens=1, logprobs=req.logprobs,
+                                               prompt_logprobs=True)
+            jobs.append(_Job(index, ids, text, generation, keep_output=False))
+            continue
+        generation = GenerationRequest(
+            prompt_ids=tuple(ids),
+            max_new_tokens=new_tokens,
+            sampling=sampling,
+            n=req.n,
+            stop=tuple(req.stops),
+            min_new_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+        jobs.append(_Job(index, ids, text, generation))
+    return jobs
+
+
+def _submit_all(jobs: list[_Job]) -> None:
+    """Submit every prompt at once (they batch); all or nothing when the server is full."""
+    try:
+        for job in jobs:
+            if job.generation is not None:
+                job.handle = gen.submit(job.generation)
+    except BaseException:
+        _cancel_all(jobs)
+        raise
+
+
+def _cancel_all(jobs: list[_Job]) -> None:
+    for job in jobs:
+        if job.handle is not None:
+            job.handle.cancel()  # a no-op for a request that already finished
+
+
+# ---- log-probabilities -------------------------------------------------------------------------
+
+
+def _backend_decode(tokenizer, ids, skip_special_tokens: bool) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class _LogprobsBuilder:
+    """Log-probability entries of one run of tokens, with each token's offset in the returned text.
+
+    Offsets follow the text as it is decoded in context (a token that ends in the middle of a
+    UTF-8 character adds nothing until the character is complete), so they index the returned text.
+    """
+
+    def __init__(self, tokenizer, context_ids, start_offset: int):
+        self._tokenizer = tokenizer
+        self._decoder = IncrementalDecoder(tokenizer, context_ids)
+        self._offset = start_offset
+
+    def _token(self, token_id: int) -> str:
+        return _backend_decode(self._tokenizer, [token_id], skip_special_tokens=False)
+
+    def build(self, token_ids, logprobs: list[TokenLogprob | None] | None) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        logprobs = logprobs if logprobs is not None else [None] * len(token_ids)
+        for token_id, entry in zip(token_ids, logprobs):
+            token = self._token(token_id)
+            out.tokens.append(token)
+            out.text_offset.append(self._offset)
+            self._offset += len(self._decoder.push(token_id))
+            if entry is None:  # the first prompt token: nothing precedes it to predict it
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(entry.logprob)
+            # The top alternatives, and always the chosen token (so up to logprobs + 1 entries).
+            top = {self._token(alt_id): alt_lp for alt_id, alt_lp in entry.top}
+            top.setdefault(token, entry.logprob)
+            out.top_logprobs.append(top)
+        return out
+
+
+def _prompt_logprobs(job: _Job, prompt_logprobs) -> CompletionLogprobs:
+    tokenizer = gen.loaded_model().tokenizer
+    return _LogprobsBuilder(tokenizer, [], 0).build(job.prompt_ids, prompt_logprobs)
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    # "cancelled" only reaches a client that has already gone; never show it.
+    return reason if reason in (None, "stop", "length") else "stop"
+
+
+# ---- routes -----------------------------------------------------------------------------------------
+
+
+@bp.post("/completions")
+def completions():
+    req = _parse(gen.json_body())
+    _check_limits(req)
+    jobs = _plan(req)
+    model_id = gen.loaded_model().model_id
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    _submit_all(jobs)
+    if req.stream:
+        return gen.sse_response(_stream(req, jobs, response_id, created, model_id))
+    return jsonify(_complete(req, jobs, response_id, created, model_id).model_dump())
+
+
+def _complete(req: CompletionRequest, jobs: list[_Job], response_id: str, created: int,
+              model_id: str) -> CompletionResponse:
+    """Wait for every prompt's result (cancelling all if the client goes away) and answer at once."""
+    results = []
+    try:
+        for job in jobs:
+            result = None
+            if job.handle is not None:
+                result = job.handle.result(gen.POLL_SECONDS, gen.client_connected)
+                if result is None:
+                    raise ApiError(499, "client closed the connection", code="client_closed")
+            results.append(result)
+    finally:
+        _cancel_all(jobs)
+
+    tokenizer = gen.loaded_model().tokenizer
+    choices, usage = [], Usage()
+    for job, result in zip(jobs, results):
+        echo = job.prompt_text if req.echo else ""
+        prompt_lp = None
+        if req.echo and req.logprobs is not None:
+            prompt_lp = _prompt_logprobs(job, result.prompt_logprobs if result else None)
+        if not job.keep_output:
+            usage.add(len(job.prompt_ids), 0)
+            for i in range(req.n):
+                logprobs = (prompt_lp.model_copy(deep=True) if prompt_lp else CompletionLogprobs()) \
+                    if req.logprobs is not None else None
+                choices.append(CompletionChoice(index=job.index * req.n + i, text=echo, logprobs=logprobs,
+                                                finish_reason="length"))
+            continue
+        usage.add(result.prompt_tokens, result.completion_tokens)
+        for completion in result.completions:
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = prompt_lp.model_copy(deep=True) if prompt_lp else CompletionLogprobs()
+                builder = _LogprobsBuilder(tokenizer, job.prompt_ids, len(echo))
+                logprobs.extend(builder.build(completion.token_ids, completion.logprobs))
+            choices.append(CompletionChoice(
+                index=job.index * req.n + completion.index, text=echo + completion.text, logprobs=logprobs,
+                finish_reason=_finish_reason(completion.finish_reason) or "length",
+            ))
+    return CompletionResponse(id=response_id, created=created, model=model_id, choices=choices, usage=usage)
+
+
+def _stream(req: CompletionRequest, jobs: list[_Job], response_id: str, created: int, model_id: str):
+    """OpenAI's chunks: text deltas per choice, `finish_reason` on each choice's last chunk, the usage
+    chunk if asked for, then `[DONE]`. Prompts are streamed one after another (they run together);
+    the client going away cancels all of them."""
+
+    def chunk(choices: list[CompletionStreamChoice], usage: Usage | None = None) -> dict:
+        body = CompletionStreamChunk(id=response_id, created=created, model=model_id, choices=choices, usage=usage)
+        return body.model_dump(exclude=None if req.include_usage else {"usage"})
+
+    total = Usage()
+    try:
+        for job in jobs:
+            job_usage = yield from _stream_job(req, job, chunk)
+            if job_usage is None:  # the client went away
+                return
+            total.add(*job_usage)
+        if req.include_usage:
+            yield chunk([], total)
+        yield "[DONE]"
+    finally:
+        _cancel_all(jobs)
+
+
+def _stream_job(req: CompletionRequest, job: _Job, chunk):
+    """Yield one prompt's chunks; return its (prompt, completion) token counts, None on disconnect."""
+    n = req.n
+    tokenizer = gen.loaded_model().tokenizer
+    echo = job.prompt_text if req.echo else ""
+    want_logprobs = req.logprobs is not None
+
+    def echo_chunks(prompt_logprobs, finish_reason=None):
+        if not req.echo and finish_reason is None:
+            return []
+        lp = _prompt_logprobs(job, prompt_logprobs) if want_logprobs and req.echo else None
+        if want_logprobs and lp is None:
+            lp = CompletionLogprobs()
+        return [chunk([CompletionStreamChoice(index=job.index * n + i, text=echo,
+                                              logprobs=lp.model_copy(deep=True) if lp else None,
+                                              finish_reason=finish_reason)])
+                for i in range(n)]
+
+    if job.handle is None:  # max_tokens=0 and nothing to ask the engine
+        yield from echo_chunks(None, finish_reason="length")
+        return len(job.prompt_ids), 0
+
+    # With echo + logprobs the prompt's log-probabilities arrive only with the engine's last
+    # event, and the echoed prompt must come first: hold this prompt's chunks until then.
+    hold = req.echo and want_logprobs
+    held = []
+    builders = [_LogprobsBuilder(tokenizer, job.prompt_ids, len(echo)) for _ in range(n)]
+    if not hold:
+        yield from echo_chunks(None)
+    for event in job.handle.stream(gen.POLL_SECONDS, gen.client_connected):
+        if isinstance(event, Finished):
+            if not job.keep_output:
+                yield from echo_chunks(event.prompt_logprobs, finish_reason="length")
+                return event.prompt_tokens, 0
+            if hold:
+                yield from echo_chunks(event.prompt_logprobs)
+                yield from held
+            return event.prompt_tokens, event.completion_tokens
+        if not job.keep_output or not isinstance(event, Delta):
+            continue
+        if not (event.text or event.finish_reason or want_logprobs):
+            continue  # nothing to show yet (e.g. text held back at a possible stop string)
+        logprobs = builders[event.index].build(event.token_ids, event.logprobs) if want_logprobs else None
+        item = chunk([CompletionStreamChoice(index=job.index * n + event.index, text=event.text, logprobs=logprobs,
+                                             finish_reason=_finish_reason(event.finish_reason))])
+        if hold:
+            held.append(item)
+        else:
+            yield item
+    return None
