@@ -87,27 +87,47 @@ def hf_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _in_cache(model_id: str) -> bool:
-    """Whether the HF cache holds anything of this repo (then a load failure is not simply "missing")."""
-    folder = "models--" + model_id.replace("/", "--")
-    return os.path.isdir(os.path.join(hf_cache_dir(), folder))
+def _in_cache(model_id: str, revision: str | None = None) -> bool:
+    """Whether the HF cache holds this repo (at `revision`: a branch or tag it recorded, or a commit)."""
+    repo = os.path.join(hf_cache_dir(), "models--" + model_id.replace("/", "--"))
+    if revision is None:
+        return os.path.isdir(repo)
+    return os.path.isfile(os.path.join(repo, "refs", revision)) or os.path.isdir(os.path.join(repo, "snapshots", revision))
+
+
+def _first_line(cause: Exception) -> str:
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 def _not_found_message(settings: Settings, cause: Exception) -> str:
-    model_id = settings.model_id
-    if model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(model_id):
+    model_id, revision = settings.model_id, settings.model_revision
+    if settings.model_is_local_folder:
+        return (
+            f"MODEL_ID={model_id!r} is a folder, but no model loads from it ({_first_line(cause)}); it needs the "
+            "config.json, weights and tokenizer files that `save_pretrained` writes"
+        )
+    if model_id.startswith(("/", "./", "../", "~")):
         return f"MODEL_ID={model_id!r} looks like a folder, but there is no such folder"
-    message = (
-        f"model {model_id!r} (revision {settings.model_revision!r}) was not found: it is neither a local "
-        f"folder nor in the Hugging Face cache at {hf_cache_dir()} (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}). "
-        f"Prefetch it with `python scripts/prefetch_model.py {model_id}` (or rebuild the image with "
-        f"MODEL_ID={model_id})."
+    cache = f"the Hugging Face cache at {hf_cache_dir()} (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+    option = f"--revision {revision} " if revision != "main" else ""
+    prefetch = f"`python scripts/prefetch_model.py {option}{model_id}`"
+    if not _in_cache(model_id):
+        # Not the library's reason: it talks about connecting to the hub, which this server never does.
+        return (
+            f"model {model_id!r} was not found: it is neither a local folder nor in {cache}. Prefetch it with "
+            f"{prefetch} (or rebuild the image with MODEL_ID={model_id})."
+        )
+    if not _in_cache(model_id, revision):
+        return (
+            f"model {model_id!r} is in {cache}, but not at revision {revision!r} (MODEL_REVISION). Prefetch that "
+            f"revision with {prefetch}."
+        )
+    # The files are there but do not load: the library's reason is the useful part.
+    return (
+        f"model {model_id!r} (revision {revision!r}) is in {cache} but does not load: {_first_line(cause)}. "
+        f"Prefetch it again with {prefetch}."
     )
-    if settings.model_is_local_folder or _in_cache(model_id):
-        # The files are (partly) there but do not load: the library's reason is the useful part. Without
-        # them its reason talks about connecting to the hub, which this server never does.
-        message += f" Cause: {str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
-    return message
 
 
 def load_model(settings: Settings) -> LoadedModel:
