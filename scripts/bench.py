@@ -1,0 +1,263 @@
+"""Benchmark the server against plain `model.generate` on the same model, in the same run.
+
+    python scripts/bench.py                      # GPT-2-small-sized random model, float32
+    python scripts/bench.py --concurrency 1 16 --requests-per-client 2
+
+What it does:
+1. makes (or reuses, in --model-dir) a GPT-2-small-sized model (124M parameters, vocabulary 50257)
+   with random weights and a byte-level tokenizer without an end-of-sequence token, so every
+   request generates its full length; nothing is downloaded;
+2. measures in-process `model.generate` at batch 1 and 16 (the baseline);
+3. starts the real server (`python -m app`) on that model and, for each concurrency level, runs
+   that many clients in parallel streaming `/generate_stream` with different ~32-token prompts,
+   128 new tokens, sampling with top-k 50 and temperature 0.6;
+4. prints aggregate generated tokens/s, p50/p90 latency, p50 time to first token and the server's
+   peak resident memory, each throughput also as a ratio to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NEW_TOKENS = 128
+PROMPT_WORDS = 32
+SAMPLING = {"do_sample": True, "top_k": 50, "temperature": 0.6}
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+def byte_level_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens: the 256 bytes plus byte pairs.
+
+    It has no end-of-sequence token: the random model can never stop a request early.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet.sort()
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    merges = []
+    for a in alphabet:
+        for b in alphabet:
+            if len(vocab) >= vocab_size:
+                break
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def make_model(model_dir: pathlib.Path) -> pathlib.Path:
+    if (model_dir / "config.json").exists():
+        return model_dir
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(bos_token_id=None, eos_token_id=None)  # 124M parameters, like `gpt2`
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(model_dir)
+    byte_level_tokenizer(config.vocab_size).save_pretrained(model_dir)
+    return model_dir
+
+
+def prompts(count: int, seed: int = 0) -> list[str]:
+    words = ("the model serves requests in batches while new ones arrive and finished ones leave "
+             "every step decodes one token for each row of the batch on the same weights").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(PROMPT_WORDS)) for _ in range(count)]
+
+
+# ---- the baseline -------------------------------------------------------------------------------
+
+def measure_generate(model_dir: pathlib.Path, batch_sizes: list[int], threads: int) -> dict[int, float]:
+    """Generated tokens/s of plain `model.generate` in this process, per batch size."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token_id = 0
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results = {}
+    for batch in batch_sizes:
+        inputs = tokenizer(prompts(batch, seed=batch), return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **SAMPLING)  # warm-up
+            started = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, **SAMPLING)
+            seconds = time.perf_counter() - started
+        generated = (out.shape[1] - inputs.input_ids.shape[1]) * batch
+        results[batch] = generated / seconds
+        print(f"  generate  batch {batch:>2}: {results[batch]:7.1f} tokens/s", flush=True)
+    del model
+    return results
+
+
+# ---- the server ---------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    label: str
+    concurrency: int
+    tokens_per_s: float
+    p50_latency: float
+    p90_latency: float
+    p50_ttft: float
+    peak_rss_mb: float
+
+
+class RunningServer:
+    def __init__(self, model_dir: pathlib.Path, port: int, env_extra: dict[str, str]):
+        import requests
+
+        self.url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), MODEL_ID=str(model_dir), PORT=str(port), HOST="127.0.0.1",
+                   MAX_BATCH_SIZE="32", **env_extra)
+        self.log = open(model_dir.parent / f"server-{port}.log", "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "app"], env=env, cwd=model_dir.parent,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("server did not become ready")
+
+    def worker_peak_rss_mb(self) -> float:
+        """Peak resident memory (VmHWM) of the gunicorn worker, which holds the model."""
+        import psutil
+
+        peak = 0
+        for proc in [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]:
+            for line in pathlib.Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        return peak / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+        self.log.close()
+
+
+def stream_one(url: str, prompt: str) -> tuple[float, float, int]:
+    """(time to first token, latency, generated tokens) of one streamed request."""
+    import requests
+
+    body = {"text": {"plain": prompt}, "max_new_tokens": NEW_TOKENS, **SAMPLING}
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    with requests.post(url + "/generate_stream", json=body, stream=True, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            event = json.loads(line[6:])
+            if first is None and event.get("text"):
+                first = time.perf_counter() - started
+            if event.get("done"):
+                tokens = event["usage"]["completion_tokens"]
+    return first or 0.0, time.perf_counter() - started, tokens
+
+
+def measure_server(server: RunningServer, label: str, concurrency: int, requests_per_client: int) -> Row:
+    stream_one(server.url, "warm up")
+    results: list[tuple[float, float, int]] = []
+    lock = threading.Lock()
+    texts = prompts(concurrency * requests_per_client, seed=concurrency)
+
+    def client(worker: int) -> None:
+        for i in range(requests_per_client):
+            outcome = stream_one(server.url, texts[worker * requests_per_client + i])
+            with lock:
+                results.append(outcome)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    latencies = sorted(r[1] for r in results)
+    return Row(
+        label=label,
+        concurrency=concurrency,
+        tokens_per_s=sum(r[2] for r in results) / wall,
+        p50_latency=statistics.median(latencies),
+        p90_latency=latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
+        p50_ttft=statistics.median(r[0] for r in results),
+        peak_rss_mb=server.worker_peak_rss_mb(),
+    )
+
+
+def print_table(rows: list[Row], baseline: dict[int, float]) -> None:
+    b1, b16 = baseline.get(1), baseline.get(16)
+    print()
+    print(f"baseline: model.generate float32, batch 1 = {b1:.1f} tokens/s, batch 16 = {b16:.1f} tokens/s")
+    print("| server | concurrency | tokens/s | vs generate@1 | vs generate@16 | p50 latency s | p90 latency s "
+          "| p50 TTFT s | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r.label} | {r.concurrency} | {r.tokens_per_s:.1f} | {r.tokens_per_s / b1:.2f} | "
+              f"{r.tokens_per_s / b16:.2f} | {r.p50_latency:.2f} | {r.p90_latency:.2f} | {r.p50_ttft:.3f} | "
+              f"{r.peak_rss_mb:.0f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=pathlib.Path, default=ROOT / ".cache" / "bench-gpt2-small")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--port", type=int, default=49170)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = physical cores)")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from app.engine.engine import default_threads
+
+    threads = args.threads or default_threads()
+    model_dir = make_model(args.model_dir)
+    print(f"model: {model_dir} (GPT-2 small, random weights), {threads} torch threads", flush=True)
+    baseline = measure_generate(model_dir, [1, 16], threads)
+
+    rows = []
+    server = RunningServer(model_dir, args.port, {"TORCH_THREADS": str(threads)})
+    try:
+        for concurrency in args.concurrency:
+            row = measure_server(server, "float32", concurrency, args.requests_per_client)
+            print(f"  server float32 concurrency {concurrency:>2}: {row.tokens_per_s:7.1f} tokens/s", flush=True)
+            rows.append(row)
+    finally:
+        server.stop()
+    print_table(rows, baseline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
