@@ -8,10 +8,12 @@ import os
 import torch
 from flask import Flask
 
+from app import auth, draining, metrics, openapi, request_log
 from app.api import health, legacy, openai
 from app.api.errors import register_error_handlers
 from app.engine import Engine, EngineObserver
 from app.engine.engine import default_threads
+from app.logging_setup import configure_logging
 from app.model_loader import ModelLoadError, load_model
 from app.settings import Settings, load_settings
 
@@ -23,9 +25,15 @@ WORKER_BOOT_ERROR = 3
 
 def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool = True,
                observer: EngineObserver | None = None) -> Flask:
-    """Build the app and start loading the model in the engine thread; `/health` answers at once."""
+    """Build the app and start loading the model in the engine thread; `/health` answers at once.
+
+    `observer` replaces the metrics as the engine's observer (the metrics then see no engine events).
+    """
     settings = settings or load_settings()
+    if not logging.getLogger().handlers:  # not started by `python -m app`, which configures logging
+        configure_logging(settings)
     torch.set_num_threads(settings.torch_threads or default_threads())
+    _log_limits(settings)
 
     def load():
         try:
@@ -37,23 +45,55 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
                 os._exit(WORKER_BOOT_ERROR)
             raise
 
+    app_metrics = metrics.Metrics()
     engine = Engine(
         load,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
-        observer=observer,
+        observer=observer or app_metrics,
     )
+    app_metrics.watch(engine)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["settings"] = settings
     app.extensions["engine"] = engine
+    app.extensions["metrics"] = app_metrics
     register_error_handlers(app)
+    # Order matters: every request is timed and logged first, then refused while draining, then
+    # checked for an API key.
+    request_log.install(app, app_metrics)
+    draining.install(app, app_metrics)
+    auth.install(app, settings, app_metrics)
     app.register_blueprint(health.bp)
     app.register_blueprint(legacy.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(openapi.bp)
     engine.start()
     return app
+
+
+def _log_limits(settings: Settings) -> None:
+    limits = {
+        "max_new_tokens": settings.max_new_tokens,
+        "max_num_return_sequences": settings.max_num_return_sequences,
+        "max_stop_sequences": settings.max_stop_sequences,
+        "max_batch_size": settings.max_batch_size,
+        "max_batch_tokens": settings.max_batch_tokens,
+        "max_queue": settings.max_queue,
+        "queue_timeout": settings.queue_timeout,
+        "max_body_bytes": settings.max_body_bytes,
+        "http_threads": settings.http_threads,
+        "graceful_timeout": settings.graceful_timeout,
+    }
+    log.info(
+        "serving %s (revision %s) on device %s, dtype %s, at %s:%d; limits: %s",
+        settings.model_id, settings.model_revision, settings.device, settings.dtype, settings.host, settings.port,
+        ", ".join(f"{k.upper()}={v:g}" if isinstance(v, float) else f"{k.upper()}={v}" for k, v in limits.items()),
+        extra={"fields": {"model": settings.model_id, "revision": settings.model_revision,
+                          "device": settings.device, "dtype": settings.dtype, "limits": limits}},
+    )

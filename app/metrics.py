@@ -22,6 +22,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
@@ -58,6 +59,9 @@ class Metrics(EngineObserver):
     """The app's metrics; an `EngineObserver` for the engine, plus hooks for the HTTP layer."""
 
     def __init__(self) -> None:
+        # No `_created` series beside each counter and histogram: they double the output and nobody
+        # graphs them (a process-wide switch of prometheus-client; this process serves only this app).
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         registry = self.registry
         ProcessCollector(registry=registry)
