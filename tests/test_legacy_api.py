@@ -1,0 +1,566 @@
+"""The original API (`POST /generate`, `POST /`, `POST /generate_stream`) through the real server.
+
+Every request goes over HTTP to `python -m app`. Where the answer is deterministic it is compared
+with what transformers' own `generate` makes of the same model files: that is what the original
+server answered, so an old client sees the same text.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+import requests
+import torch
+
+PROMPT = "When Konrad Adenauer was elected chancellor in"
+SHORT = "Hello world"
+
+
+def post(server, body, path: str = "/generate", **kwargs) -> requests.Response:
+    if "data" not in kwargs:
+        kwargs["json"] = body
+    return requests.post(server.url + path, timeout=120, **kwargs)
+
+
+def generate(server, body: dict, path: str = "/generate") -> dict:
+    response = post(server, body, path)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    return response.json()
+
+
+def texts(answer: dict) -> list[str]:
+    return [sentence["generated_text"] for sentence in answer["sentences"]]
+
+
+def sample(server, seed: int, **fields) -> str:
+    body = {"text": {"plain": SHORT}, "max_length": 24, "do_sample": True, "seed": seed, **fields}
+    return texts(generate(server, body))[0]
+
+
+def assert_error(response: requests.Response, status: int, param: str | None, *words: str) -> dict:
+    """A JSON error naming the field (`error.param`, in `error.message`, in `detail[0].loc`) and the words."""
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"].startswith("application/json"), response.text
+    body = response.json()
+    error = body["error"]
+    assert error["param"] == param, body
+    assert error["type"] and error["code"], body
+    if param is not None:
+        assert param.split(".")[0] in error["message"], body
+    for word in words:
+        assert word.lower() in error["message"].lower(), body
+    # The original's clients read FastAPI's `detail` list.
+    assert isinstance(body["detail"], list) and body["detail"], body
+    assert body["detail"][0]["loc"] == ["body", *(param.split(".") if param else [])], body
+    assert body["detail"][0]["msg"], body
+    return error
+
+
+class Reference:
+    """The model files the server loads, run by transformers' `generate` in this process."""
+
+    def __init__(self, folder):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    def tokens(self, text: str) -> int:
+        return len(self.tokenizer(text).input_ids)
+
+    def generate(self, prompt: str, **kwargs) -> tuple[str, int]:
+        """(full text with the prompt, total number of tokens) of one generation."""
+        inputs = self.tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, pad_token_id=self.tokenizer.eos_token_id, **kwargs)
+        return self.tokenizer.decode(out[0], skip_special_tokens=True), out.shape[1]
+
+    def greedy(self, prompt: str, max_length: int, **kwargs) -> str:
+        return self.generate(prompt, max_length=max_length, do_sample=False, **kwargs)[0]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_models):
+    loaded: dict[str, Reference] = {}
+
+    def get(arch: str = "gpt2") -> Reference:
+        if arch not in loaded:
+            loaded[arch] = Reference(tiny_models.folders[arch])
+        return loaded[arch]
+
+    return get
+
+
+# ---- The response ---------------------------------------------------------------------------------
+
+
+def test_response_has_the_original_shape(gpt2_server, tiny_models):
+    answer = generate(gpt2_server, {"text": {"plain": SHORT}})
+    assert answer["model"] == tiny_models.repo_ids["gpt2"]
+    assert isinstance(answer["s_elapsed"], str) and re.fullmatch(r"\d+\.\d\d", answer["s_elapsed"])
+    assert len(answer["sentences"]) == 1
+    assert answer["sentences"][0]["generated_text"].startswith(SHORT)
+
+
+def test_post_to_root_is_the_same_as_generate(gpt2_server):
+    body = {"text": {"plain": PROMPT}, "max_length": 40}
+    assert texts(generate(gpt2_server, body, "/")) == texts(generate(gpt2_server, body, "/generate"))
+
+
+def test_old_clients_need_no_content_type(gpt2_server):
+    body = json.dumps({"text": {"plain": SHORT}, "max_length": 10})
+    for headers in ({}, {"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}):
+        response = post(gpt2_server, None, data=body, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["sentences"][0]["generated_text"].startswith(SHORT)
+
+
+def test_unknown_fields_are_ignored(gpt2_server):
+    answer = generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 10, "callback_url": "x", "beams": 4})
+    assert texts(answer)[0].startswith(SHORT)
+
+
+# ---- Fields and their defaults --------------------------------------------------------------------
+
+
+def test_defaults_are_greedy_with_20_tokens_in_total(gpt2_server, reference):
+    ref = reference()
+    answer = generate(gpt2_server, {"text": {"plain": SHORT}})
+    assert texts(answer) == [ref.greedy(SHORT, max_length=20)]
+    assert answer["sentences"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 20 - ref.tokens(SHORT)
+    explicit = {"text": {"plain": SHORT}, "do_sample": False, "top_p": 100, "top_k": 50, "temperature": 1.0,
+                "max_length": 20, "num_return_sequences": 1}
+    assert texts(generate(gpt2_server, explicit)) == texts(answer)
+
+
+@pytest.mark.parametrize("max_length", [25, 31, 64])
+def test_max_length_counts_the_prompt(gpt2_server, reference, max_length):
+    ref = reference()
+    prompt_tokens = ref.tokens(PROMPT)
+    expected, total = ref.generate(PROMPT, max_length=max_length, do_sample=False)
+    assert total == max_length  # the model did not stop early: the full length is what is compared
+    answer = generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": max_length})
+    assert texts(answer) == [expected]
+    assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": max_length - prompt_tokens,
+                               "total_tokens": max_length}
+
+
+def test_greedy_is_repeatable(gpt2_server):
+    body = {"text": {"plain": PROMPT}, "max_length": 48}
+    assert texts(generate(gpt2_server, body)) == texts(generate(gpt2_server, body))
+
+
+def test_do_sample_samples(gpt2_server, reference):
+    greedy = reference().greedy(SHORT, max_length=24)
+    unseeded = {texts(generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 24, "do_sample": True}))[0]
+                for _ in range(3)}
+    assert len(unseeded) > 1
+    assert any(sample(gpt2_server, seed) != greedy for seed in (1, 2, 3))
+
+
+def test_top_p_of_1_or_more_is_off(gpt2_server):
+    default = sample(gpt2_server, 7)
+    for top_p in (1, 1.0, 1.5, 100):
+        assert sample(gpt2_server, 7, top_p=top_p) == default
+
+
+def test_top_p_accepts_fractions(gpt2_server, reference):
+    greedy = reference().greedy(SHORT, max_length=24)
+    # The original read 0.9 as the integer 0 and so decoded greedily; here 0.9 keeps a real nucleus...
+    assert any(sample(gpt2_server, seed, top_p=0.9, top_k=0) != greedy for seed in (1, 2, 3))
+    # ...and a tiny nucleus keeps only the most likely token.
+    assert sample(gpt2_server, 1, top_p=1e-9) == greedy
+
+
+def test_top_k(gpt2_server, reference):
+    greedy = reference().greedy(SHORT, max_length=24)
+    assert sample(gpt2_server, 3, top_k=1) == greedy
+    assert sample(gpt2_server, 3) == sample(gpt2_server, 3, top_k=50)  # 50 is the default
+    assert any(sample(gpt2_server, seed, top_k=0) != sample(gpt2_server, seed) for seed in (1, 2, 3))
+
+
+def test_temperature(gpt2_server, reference):
+    greedy = reference().greedy(SHORT, max_length=24)
+    assert sample(gpt2_server, 5, temperature=1e-5) == greedy
+    assert sample(gpt2_server, 5) == sample(gpt2_server, 5, temperature=1.0)  # 1.0 is the default
+    assert any(sample(gpt2_server, seed, temperature=5.0) != sample(gpt2_server, seed) for seed in (1, 2, 3))
+
+
+def test_greedy_ignores_the_sampling_fields(gpt2_server, reference):
+    body = {"text": {"plain": SHORT}, "max_length": 24, "temperature": 0, "top_k": 3, "top_p": 0.1}
+    assert texts(generate(gpt2_server, body)) == [reference().greedy(SHORT, max_length=24)]
+
+
+def test_num_return_sequences(gpt2_server):
+    body = {"text": {"plain": PROMPT}, "do_sample": True, "max_length": 40, "num_return_sequences": 3, "seed": 11}
+    answer = generate(gpt2_server, body)
+    assert len(answer["sentences"]) == 3
+    assert all(text.startswith(PROMPT) for text in texts(answer))
+    assert len(set(texts(answer))) > 1
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == usage["total_tokens"]
+    assert usage["completion_tokens"] > 3 * 1  # counted over all three sequences
+
+
+def test_the_original_example_body(gpt2_server):
+    body = {"text": {"plain": PROMPT}, "do_sample": True, "top_p": 100, "top_k": 50, "temperature": 0.6,
+            "max_length": 128, "num_return_sequences": 3}
+    answer = generate(gpt2_server, body)
+    assert len(answer["sentences"]) == 3
+    assert all(text.startswith(PROMPT) for text in texts(answer))
+
+
+# ---- text.in_64 -------------------------------------------------------------------------------------
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+@pytest.mark.parametrize("in_64, prompt", [
+    ("SGVsbG8gd29ybGQhCg==", "Hello world!\n"),
+    ("SGVsbG8gd29ybGQhCg", "Hello world!\n"),  # padding missing
+    ("SGVsbG8g\nd29ybGQh\nCg==\n", "Hello world!\n"),  # wrapped lines, as GNU base64 prints them
+    ("SGVs bG8g d29y bGQh Cg==", "Hello world!\n"),  # spaces
+    ("\tSGVsbG8gd29ybGQhCg==\r\n", "Hello world!\n"),
+    (base64.encodebytes("def add(a, b):\n    \"\"\"Grüße, 世界\"\"\"\n".encode()).decode(),
+     "def add(a, b):\n    \"\"\"Grüße, 世界\"\"\"\n"),
+])
+def test_in_64_is_decoded_leniently(gpt2_server, in_64, prompt):
+    answer = generate(gpt2_server, {"text": {"in_64": in_64}, "max_new_tokens": 8})
+    assert texts(answer)[0].startswith(prompt)
+    plain = generate(gpt2_server, {"text": {"plain": prompt}, "max_new_tokens": 8})
+    assert texts(answer) == texts(plain)
+
+
+def test_in_64_raw_line_breaks_inside_the_json_string(gpt2_server):
+    # Old shell scripts paste `base64` output, line breaks and all, into the JSON string.
+    body = '{"text": {"in_64": "SGVsbG8g\nd29ybGQh\nCg=="}, "max_length": 12}'
+    response = post(gpt2_server, None, data=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["sentences"][0]["generated_text"].startswith("Hello world!\n")
+
+
+def test_plain_wins_over_in_64(gpt2_server):
+    plain_only = generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 16})
+    both = generate(gpt2_server, {"text": {"plain": SHORT, "in_64": b64("Goodbye moon")}, "max_length": 16})
+    assert texts(both) == texts(plain_only)
+    broken_in_64 = generate(gpt2_server, {"text": {"plain": SHORT, "in_64": "%%% not base64"}, "max_length": 16})
+    assert texts(broken_in_64) == texts(plain_only)
+
+
+# ---- Additions the engine offers on /generate -------------------------------------------------------
+
+
+def test_seed_makes_sampling_repeatable(gpt2_server):
+    body = {"text": {"plain": PROMPT}, "do_sample": True, "max_length": 48, "seed": 1234, "num_return_sequences": 2}
+    first = texts(generate(gpt2_server, body))
+    assert texts(generate(gpt2_server, body)) == first
+    others = [texts(generate(gpt2_server, {**body, "seed": seed})) for seed in (1, 2)]
+    assert any(other != first for other in others)
+
+
+def test_stop_strings_end_the_text_and_are_not_returned(gpt2_server, reference):
+    full = reference().greedy(PROMPT, max_length=64)
+    continuation = full[len(PROMPT):]
+    # A stop string from the middle of what greedy decoding writes anyway.
+    stop = next(continuation[i:i + 3] for i in range(4, len(continuation) - 3)
+                if continuation[i:i + 3].isascii() and continuation[i:i + 3].strip() == continuation[i:i + 3])
+    cut = continuation[:continuation.index(stop)]
+    for value in (stop, [stop], ["never written \x00", stop]):
+        answer = generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": 64, "stop": value})
+        assert texts(answer) == [PROMPT + cut]
+        assert answer["sentences"][0]["finish_reason"] == "stop"
+
+
+def test_max_new_tokens_overrides_max_length(gpt2_server, reference):
+    ref = reference()
+    answer = generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": 5, "max_new_tokens": 12})
+    assert answer["usage"]["completion_tokens"] == 12
+    assert texts(answer) == [ref.greedy(PROMPT, max_length=ref.tokens(PROMPT) + 12)]
+
+
+@pytest.mark.parametrize("penalty", [1.5, 0.7])
+def test_repetition_penalty_as_transformers_applies_it(gpt2_server, reference, penalty):
+    ref = reference()
+    answer = generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 40, "repetition_penalty": penalty})
+    assert texts(answer) == [ref.greedy(SHORT, max_length=40, repetition_penalty=penalty)]
+    assert texts(answer) != [ref.greedy(SHORT, max_length=40)]
+
+
+def test_typical_p(gpt2_server, reference):
+    # A tiny typical mass keeps one token per step, so sampling is deterministic and comparable.
+    expected, _ = reference().generate(SHORT, max_new_tokens=20, do_sample=True, typical_p=1e-6, top_k=0)
+    for seed in (1, 2):
+        body = {"text": {"plain": SHORT}, "max_new_tokens": 20, "do_sample": True, "typical_p": 1e-6, "top_k": 0,
+                "seed": seed}
+        assert texts(generate(gpt2_server, body)) == [expected]
+    assert sample(gpt2_server, 4, typical_p=0.9) == sample(gpt2_server, 4, typical_p=0.9)
+
+
+# ---- /generate_stream --------------------------------------------------------------------------------
+
+
+def stream_events(server, body: dict) -> list[dict]:
+    with requests.post(server.url + "/generate_stream", json=body, stream=True, timeout=120) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        return [json.loads(line[len("data: "):]) for line in response.iter_lines(decode_unicode=True)
+                if line.startswith("data: ")]
+
+
+def test_generate_stream_sends_the_same_text_piece_by_piece(gpt2_server, tiny_models):
+    body = {"text": {"plain": PROMPT}, "max_length": 48}
+    whole = generate(gpt2_server, body)
+    events = stream_events(gpt2_server, body)
+    *deltas, done = events
+    assert PROMPT + "".join(event["text"] for event in deltas) == texts(whole)[0]
+    assert len(deltas) > 1
+    assert deltas[-1]["finish_reason"] == "length" and all(e["finish_reason"] is None for e in deltas[:-1])
+    assert done["done"] is True and done["model"] == tiny_models.repo_ids["gpt2"]
+    assert re.fullmatch(r"\d+\.\d\d", done["s_elapsed"])
+    assert done["usage"] == whole["usage"] and done["finish_reasons"] == ["length"]
+
+
+def test_generate_stream_several_sequences(gpt2_server):
+    events = stream_events(gpt2_server, {"text": {"plain": SHORT}, "max_length": 20, "do_sample": True,
+                                         "num_return_sequences": 2, "seed": 3})
+    assert {event["index"] for event in events[:-1]} == {0, 1}
+    assert events[-1]["finish_reasons"] == ["length", "length"]
+
+
+def test_generate_stream_refuses_bad_input_before_streaming(gpt2_server):
+    assert_error(post(gpt2_server, {"text": {"in_64": "%%%"}}, "/generate_stream"), 422, "text.in_64", "base64")
+    assert_error(post(gpt2_server, None, "/generate_stream", data="{"), 400, None, "JSON")
+
+
+# ---- Bad input -------------------------------------------------------------------------------------
+
+GOOD = {"text": {"plain": SHORT}}
+
+WRONG_TYPES = [
+    ({"do_sample": "yes"}, "do_sample", "boolean"),
+    ({"top_k": "many"}, "top_k", "integer"),
+    ({"top_k": 1.5}, "top_k", "integer"),
+    ({"top_p": "high"}, "top_p", "number"),
+    ({"top_p": None}, "top_p", "number"),
+    ({"temperature": "hot"}, "temperature", "number"),
+    ({"max_length": "long"}, "max_length", "integer"),
+    ({"max_length": [128]}, "max_length", "integer"),
+    ({"max_length": True}, "max_length", "number"),
+    ({"num_return_sequences": {}}, "num_return_sequences", "integer"),
+    ({"max_new_tokens": "ten"}, "max_new_tokens", "integer"),
+    ({"seed": "lucky"}, "seed", "integer"),
+    ({"stop": 5}, "stop", "list"),
+    ({"stop": ["ok", 5]}, "stop.1", "string"),
+    ({"typical_p": []}, "typical_p", "number"),
+    ({"repetition_penalty": "strong"}, "repetition_penalty", "number"),
+    ({"text": {"plain": 5}}, "text.plain", "string"),
+    ({"text": {"in_64": ["SGVsbG8="]}}, "text.in_64", "string"),
+]
+
+OUT_OF_RANGE = [
+    ({"top_k": -1}, "top_k", "0"),
+    ({"temperature": -0.5}, "temperature", "0"),
+    ({"temperature": 0, "do_sample": True}, "temperature", "> 0"),
+    ({"top_p": 0, "do_sample": True}, "top_p", "> 0"),
+    ({"top_p": -0.5, "do_sample": True}, "top_p", "> 0"),
+    ({"max_length": 0}, "max_length", "1"),
+    ({"max_length": -5}, "max_length", "1"),
+    ({"num_return_sequences": 0}, "num_return_sequences", "1"),
+    ({"max_new_tokens": 0}, "max_new_tokens", "1"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "0"),
+    ({"typical_p": 0}, "typical_p", "0"),
+    ({"typical_p": -1}, "typical_p", "0"),
+    ({"seed": -1}, "seed", "0"),
+    ({"seed": 2**64}, "seed", "9223372036854775807"),
+]
+
+TEXT_SHAPES = [
+    ({"text": "Hello"}, "text", "object"),
+    ({"text": ["Hello"]}, "text", "object"),
+    ({"text": None}, "text", "object"),
+    ({"text": 42}, "text", "object"),
+    ({"text": {}}, "text", "plain"),
+    ({"text": {"plain": None}}, "text", "in_64"),
+    ({"text": {"prompt": "Hello"}}, "text.prompt", ""),
+    ({"text": {"plain": "Hello", "extra": 1}}, "text.extra", ""),
+]
+
+BASE64 = [
+    ({"text": {"in_64": "this is not base64!"}}, "text.in_64", "base64"),
+    ({"text": {"in_64": "SGVs=bG8="}}, "text.in_64", "base64"),
+    ({"text": {"in_64": "A"}}, "text.in_64", "base64"),
+    ({"text": {"in_64": base64.b64encode(b"\xff\xfe caf\xe9").decode()}}, "text.in_64", "UTF-8"),
+    ({"text": {"in_64": base64.b64encode("Grüße".encode("utf-8")[:-2]).decode()}}, "text.in_64", "UTF-8"),
+]
+
+GREEDY_SEVERAL = [
+    ({"num_return_sequences": 2}, "num_return_sequences", "do_sample"),
+    ({"num_return_sequences": 3, "do_sample": False}, "num_return_sequences", "do_sample"),
+]
+
+
+@pytest.mark.parametrize("fields, param, word", WRONG_TYPES + OUT_OF_RANGE + TEXT_SHAPES + BASE64 + GREEDY_SEVERAL,
+                         ids=lambda value: json.dumps(value) if isinstance(value, dict) else None)
+def test_bad_fields_are_422_naming_the_field(gpt2_server, fields, param, word):
+    body = {**GOOD, **fields}
+    for path in ("/generate", "/"):
+        assert_error(post(gpt2_server, body, path), 422, param, word)
+
+
+def test_missing_text(gpt2_server):
+    assert_error(post(gpt2_server, {"max_length": 10}), 422, "text", "required")
+
+
+@pytest.mark.parametrize("raw", [
+    '{"text": {"plain": "Hi"}, "top_p": NaN}',
+    '{"text": {"plain": "Hi"}, "temperature": Infinity, "do_sample": true}',
+    '{"text": {"plain": "Hi"}, "temperature": 1e400}',
+    '{"text": {"plain": "Hi"}, "repetition_penalty": -Infinity}',
+])
+def test_non_finite_numbers_are_refused(gpt2_server, raw):
+    param = re.search(r'"(top_p|temperature|repetition_penalty)"', raw).group(1)
+    assert_error(post(gpt2_server, None, data=raw), 422, param, "finite")
+
+
+@pytest.mark.parametrize("raw, word", [
+    ("this is not JSON", "JSON"),
+    ('{"text": {"plain": "unterminated', "JSON"),
+    ("", "JSON"),
+    (b"\xff\xfe\x00{", "JSON"),
+    ('[{"text": {"plain": "Hi"}}]', "object"),
+    ('"text"', "object"),
+    ("null", "object"),
+])
+def test_a_body_that_is_not_a_json_object_is_400(gpt2_server, raw, word):
+    assert_error(post(gpt2_server, None, data=raw), 400, None, word)
+
+
+def test_max_length_must_exceed_the_prompt(gpt2_server, reference):
+    prompt_tokens = reference().tokens(PROMPT)
+    for max_length in (1, prompt_tokens - 1, prompt_tokens):
+        error = assert_error(post(gpt2_server, {"text": {"plain": PROMPT}, "max_length": max_length}), 422,
+                             "max_length", str(max_length), str(prompt_tokens))
+        assert error["code"] == "max_length_too_small"
+    assert generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": prompt_tokens + 1})
+
+
+def test_beyond_the_context_is_refused_naming_both_numbers(gpt2_server, reference):
+    ref = reference()
+    assert_error(post(gpt2_server, {**GOOD, "max_length": 1025}), 422, "max_length", "1024", "1025")
+    assert_error(post(gpt2_server, {**GOOD, "max_new_tokens": 1024}), 422, "max_new_tokens", "1024",
+                 str(ref.tokens(SHORT) + 1024))
+    long_prompt = "Hello world, here is a rather long prompt. " * 150
+    prompt_tokens = ref.tokens(long_prompt)
+    assert prompt_tokens > 1024
+    error = assert_error(post(gpt2_server, {"text": {"plain": long_prompt}, "max_length": prompt_tokens + 10}), 422,
+                         "max_length", "1024", str(prompt_tokens + 10))
+    assert error["code"] == "context_length_exceeded"
+    # Exactly the context is allowed: refused only beyond it, never truncated.
+    answer = generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 1024})
+    assert answer["usage"]["total_tokens"] <= 1024
+    assert texts(answer)[0].startswith(SHORT)
+
+
+def test_num_return_sequences_above_the_default_limit(gpt2_server):
+    assert_error(post(gpt2_server, {**GOOD, "do_sample": True, "num_return_sequences": 9}), 422,
+                 "num_return_sequences", "8", "MAX_NUM_RETURN_SEQUENCES")
+
+
+def test_wrong_method_and_unknown_route_are_json(gpt2_server):
+    response = requests.get(gpt2_server.url + "/generate", timeout=30)
+    assert response.status_code == 405 and response.json()["error"]["message"]
+    response = requests.post(gpt2_server.url + "/generate/now", json=GOOD, timeout=30)
+    assert response.status_code == 404 and response.json()["error"]["message"]
+
+
+def test_the_server_still_serves_after_all_the_bad_input(gpt2_server):
+    """Runs after the error tests above: nothing they sent may have stopped the worker."""
+    assert gpt2_server.process.poll() is None
+    assert requests.get(gpt2_server.url + "/health", timeout=30).status_code == 200
+    answer = generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": 32})
+    assert texts(answer)[0].startswith(PROMPT)
+    assert "Traceback" not in gpt2_server.log
+
+
+# ---- The limits ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limits_server(start_server):
+    server = start_server(MAX_NEW_TOKENS=16, MAX_NUM_RETURN_SEQUENCES=2, MAX_BODY_BYTES=4096, MAX_STOP_SEQUENCES=1)
+    yield server
+    server.stop()
+
+
+def test_limits_are_enforced_naming_the_setting(limits_server):
+    body = {"text": {"plain": SHORT}, "max_length": 12}
+    assert generate(limits_server, {**body, "do_sample": True, "num_return_sequences": 2})
+    assert_error(post(limits_server, {**body, "do_sample": True, "num_return_sequences": 3}), 422,
+                 "num_return_sequences", "2", "3", "MAX_NUM_RETURN_SEQUENCES")
+    assert generate(limits_server, {**body, "max_new_tokens": 16})
+    assert_error(post(limits_server, {**body, "max_new_tokens": 17}), 422, "max_new_tokens", "16", "17",
+                 "MAX_NEW_TOKENS")
+    assert_error(post(limits_server, {**body, "max_length": 40}), 422, "max_length", "16", "MAX_NEW_TOKENS")
+    assert generate(limits_server, {**body, "stop": ["x"]})
+    assert_error(post(limits_server, {**body, "stop": ["x", "y"]}), 422, "stop", "1", "MAX_STOP_SEQUENCES")
+
+
+def test_a_body_over_the_size_limit_is_413(limits_server):
+    body = json.dumps({"text": {"plain": "word " * 1000}, "max_length": 12})
+    assert len(body) > 4096
+    assert_error(post(limits_server, None, data=body), 413, None, "4096", "MAX_BODY_BYTES")
+    assert generate(limits_server, {"text": {"plain": SHORT}, "max_length": 12})
+
+
+# ---- Architectures and a local folder -------------------------------------------------------------------
+
+CONTEXT = {"gpt2": 1024, "gpt-neo": 2048, "gptj": 2048}
+
+
+@pytest.fixture(scope="module", params=["gpt-neo", "gptj", "gpt2-folder", "gptj-folder"])
+def model_server(request, start_server, tiny_models):
+    """A server per architecture, loaded by repo id from the HF cache or from a local folder."""
+    arch = request.param.removesuffix("-folder")
+    model_id = str(tiny_models.folders[arch]) if request.param.endswith("-folder") else tiny_models.repo_ids[arch]
+    server = start_server(MODEL_ID=model_id)
+    yield arch, model_id, server
+    server.stop()
+
+
+def test_each_architecture_serves_the_original_api(model_server, reference):
+    arch, model_id, server = model_server
+    ref = reference(arch)
+    health = requests.get(server.url + "/health", timeout=30).json()
+    assert health["model"] == model_id and health["context_length"] == CONTEXT[arch]
+
+    answer = generate(server, {"text": {"plain": PROMPT}, "max_length": 40})
+    assert answer["model"] == model_id
+    assert texts(answer) == [ref.greedy(PROMPT, max_length=40)]
+    assert answer["usage"]["total_tokens"] == 40 or answer["sentences"][0]["finish_reason"] == "stop"
+
+    encoded = generate(server, {"text": {"in_64": b64(PROMPT)}, "max_length": 40})
+    assert texts(encoded) == texts(answer)
+
+    sampled = generate(server, {"text": {"plain": PROMPT}, "do_sample": True, "top_k": 10, "temperature": 0.7,
+                                "max_length": 48, "num_return_sequences": 2})
+    assert len(sampled["sentences"]) == 2 and all(t.startswith(PROMPT) for t in texts(sampled))
+
+
+def test_each_architecture_refuses_beyond_its_context(model_server, reference):
+    arch, _, server = model_server
+    context = CONTEXT[arch]
+    assert_error(post(server, {**GOOD, "max_length": context + 1}), 422, "max_length", str(context),
+                 str(context + 1))
+    prompt = "Hello world, here is a rather long prompt. " * 300
+    prompt_tokens = reference(arch).tokens(prompt)
+    assert prompt_tokens > context
+    assert_error(post(server, {"text": {"plain": prompt}, "max_length": prompt_tokens + 5}), 422, "max_length",
+                 str(context), str(prompt_tokens + 5))
+    assert generate(server, {**GOOD, "max_length": 24})
