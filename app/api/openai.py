@@ -102,10 +102,11 @@ def _check_limits(req: CompletionRequest) -> None:
     if req.n > limits.max_num_return_sequences:
         raise ApiError(400, f"n: at most {limits.max_num_return_sequences} on this server (MAX_NUM_RETURN_SEQUENCES); "
                             f"got {req.n}", param="n", code="too_many_sequences")
-    if len(req.prompts) > limits.max_queue:
+    most_prompts = max(limits.max_queue, 1)
+    if len(req.prompts) > most_prompts:
         # Every prompt is one engine request; more than the queue holds could never be taken at once.
         raise ApiError(400, f"prompt: a list of {len(req.prompts)} prompts is more than this server queues at once "
-                            f"(MAX_QUEUE={limits.max_queue}); send at most {limits.max_queue} per request",
+                            f"(MAX_QUEUE={limits.max_queue}); send at most {most_prompts} per request",
                        param="prompt", code="too_many_prompts")
     if len(req.stops) > limits.max_stop_sequences:
         raise ApiError(400, f"stop: at most {limits.max_stop_sequences} stop sequences on this server "
