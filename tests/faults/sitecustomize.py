@@ -1,0 +1,40 @@
+"""Injects faults into a server process started with this folder on PYTHONPATH (tests only).
+
+The server's own code has no test hooks: a fault is raised where a real one would surface, from
+inside the model's forward pass (as a CUDA out-of-memory error does).
+
+- FAULT_PROMPT_TOKEN=N: a forward pass whose input holds token id N at more than one position
+  (a prefill of a prompt containing that token) raises torch.OutOfMemoryError.
+- FAULT_AT_LENGTH=L: a forward pass whose attention mask is exactly L columns wide (a decoding
+  step of a batch whose longest sequence reaches L) raises torch.OutOfMemoryError.
+- FAULT_KILL_AT_LENGTH=L: the same, but raises SystemExit, which kills the engine thread.
+"""
+
+import os
+
+
+def _install() -> None:
+    import torch
+
+    prompt_token = os.environ.get("FAULT_PROMPT_TOKEN")
+    at_length = os.environ.get("FAULT_AT_LENGTH")
+    kill_at_length = os.environ.get("FAULT_KILL_AT_LENGTH")
+    original = torch.nn.Module.__call__
+
+    def faulty_call(self, *args, **kwargs):
+        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if input_ids is not None and hasattr(self, "lm_head"):  # the engine's call of the whole model
+            width = attention_mask.shape[-1] if attention_mask is not None else None
+            if prompt_token is not None and (input_ids == int(prompt_token)).sum() > 1:
+                raise torch.OutOfMemoryError("injected: out of memory during prefill")
+            if at_length is not None and width == int(at_length):
+                raise torch.OutOfMemoryError("injected: out of memory during a decoding step")
+            if kill_at_length is not None and width == int(kill_at_length):
+                raise SystemExit("injected: engine thread killed")
+        return original(self, *args, **kwargs)
+
+    torch.nn.Module.__call__ = faulty_call
+
+
+if any(os.environ.get(k) for k in ("FAULT_PROMPT_TOKEN", "FAULT_AT_LENGTH", "FAULT_KILL_AT_LENGTH")):
+    _install()
