@@ -150,13 +150,19 @@ class RequestHandle:
         `still_wanted`, if given, is called every `poll_seconds` while waiting; when it returns
         False (the client went away) the request is cancelled and the iteration ends.
         """
+        next_check = time.monotonic() + (poll_seconds or 0)
         while True:
             try:
                 event = self.events.get(timeout=poll_seconds)
             except queue.Empty:
-                if still_wanted is not None and not still_wanted():
+                event = None
+            # Checked on a clock, not only when idle: while tokens flow the queue is never empty.
+            if still_wanted is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + poll_seconds
+                if not still_wanted():
                     self.cancel()
                     return
+            if event is None:
                 continue
             if isinstance(event, EngineError):
                 raise event
