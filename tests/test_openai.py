@@ -378,15 +378,19 @@ def test_unknown_route_is_404_in_openai_shape(client):
 # ---- overload and disconnects ------------------------------------------------------------------------
 
 
-def wait_for_health(server, condition, what: str, timeout: float = 60):
-    """Poll /health until `condition(body)`; the deadline only stops a broken test from hanging."""
+def wait_until(condition, what: str, timeout: float = 60):
+    """Poll until `condition()` is true; the deadline only stops a broken test from hanging."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = requests.get(server.url + "/health", timeout=10).json()
-        if condition(body):
-            return body
+        if condition():
+            return
         time.sleep(0.02)
-    raise AssertionError(f"/health never showed {what}: last {body}")
+    raise AssertionError(f"never saw {what}")
+
+
+def wait_for_health(server, condition, what: str):
+    """Poll /health until `condition(body)`."""
+    wait_until(lambda: condition(requests.get(server.url + "/health", timeout=10).json()), what)
 
 
 API_KEY = "test-secret-key"
@@ -433,41 +437,60 @@ def test_more_prompts_than_the_queue_holds_is_400(one_at_a_time, model):
     assert err.value.param == "prompt" and "MAX_QUEUE=1" in err.value.message
 
 
+def metric(server, name: str, **labels) -> float:
+    """One sample of the server's Prometheus metrics."""
+    text = requests.get(server.url + "/metrics", headers=AUTH, timeout=10).text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return next(s.value for s in samples if s.name == name and s.labels == labels)
+
+
+def cancelled_requests(server) -> float:
+    """The server's own count of generation requests dropped because their client went away."""
+    return metric(server, "gpt_server_requests_cancelled_total")
+
+
+def queue_full_refusals(server) -> float:
+    return metric(server, "gpt_server_requests_refused_total", reason="queue_full")
+
+
 def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time, model):
     server = one_at_a_time
     client = make_client(server, api_key=API_KEY)
     busy, _ = long_stream(server, model)  # holds the only place in the batch
     outcome = {}
 
-    def wait_in_queue():
-        outcome["completion"] = client.completions.create(model=model, prompt=PROMPT, max_tokens=2,
-                                                          extra_body={"ignore_eos": True})
+    def in_thread(name, client):
+        def run():
+            outcome[name] = client.completions.create(model=model, prompt=PROMPT, max_tokens=2,
+                                                      extra_body={"ignore_eos": True})
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
 
-    waiting = threading.Thread(target=wait_in_queue)
-    waiting.start()  # holds the only place in the queue
+    waiting = in_thread("waiting", client)  # holds the only place in the queue
     wait_for_health(server, lambda h: h["batch_size"] == 1 and h["queue_size"] == 1, "a full batch and queue")
+    full = {"batch_size": 1, "queue_size": 1}
 
     with pytest.raises(openai.InternalServerError) as err:
         client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
     assert err.value.status_code == 503
     assert err.value.code == "queue_full"
     assert err.value.response.headers["Retry-After"] == "1"
-    # Refused at once: the long request is still running.
-    assert requests.get(server.url + "/health", timeout=10).json()["batch_size"] == 1
+    # Refused at once: the long request still runs and the other one still waits.
+    assert {k: v for k, v in requests.get(server.url + "/health", timeout=10).json().items() if k in full} == full
 
     with pytest.raises(openai.InternalServerError):  # streaming requests are refused the same way
         client.completions.create(model=model, prompt=PROMPT, max_tokens=2, stream=True)
 
-    busy.close()  # going away frees the batch for the waiting request
-    waiting.join(60)
-    assert outcome["completion"].usage.completion_tokens == 2
-
-
-def cancelled_requests(server) -> float:
-    """The server's own count of generation requests dropped because their client went away."""
-    text = requests.get(server.url + "/metrics", headers=AUTH, timeout=10).text
-    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-    return next(s.value for s in samples if s.name == "gpt_server_requests_cancelled_total")
+    # The client's own retries (twice by default, after Retry-After) get through once there is room.
+    refusals = queue_full_refusals(server)
+    retrying = in_thread("retrying", make_client(server, api_key=API_KEY, max_retries=2))
+    wait_until(lambda: queue_full_refusals(server) > refusals, "the first try refused")
+    busy.close()  # going away frees the batch for the waiting request, then the queue for the retry
+    for thread in (waiting, retrying):
+        thread.join(60)
+    assert outcome["waiting"].usage.completion_tokens == 2
+    assert outcome["retrying"].usage.completion_tokens == 2
 
 
 def test_disconnecting_a_stream_cancels_its_generation(one_at_a_time, model):
