@@ -68,7 +68,7 @@ def _engine_answers() -> tuple[bool, str]:
 
 
 _ENGINE_OK, _ENGINE_REASON = _engine_answers()
-pytestmark = pytest.mark.skipif(not _ENGINE_OK, reason=_ENGINE_REASON)
+pytestmark = [pytest.mark.docker, pytest.mark.skipif(not _ENGINE_OK, reason=_ENGINE_REASON)]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -299,10 +299,12 @@ def check_generation(url: str, model_id: str) -> None:
         assert sentence["generated_text"].startswith(PROMPT), sentence
 
 
+@pytest.mark.slow
 def test_cpu_image_answers_the_original_example_request(cpu_stack):
     check_generation(cpu_stack.url, MODELS["gpt2"])
 
 
+@pytest.mark.slow
 def test_cpu_image_health_reports_the_cpu(cpu_stack):
     response = requests.get(f"{cpu_stack.url}/health", timeout=30)
     assert response.status_code == 200, response.text
@@ -311,6 +313,7 @@ def test_cpu_image_health_reports_the_cpu(cpu_stack):
     assert body["model"] == MODELS["gpt2"]
 
 
+@pytest.mark.slow
 def test_cpu_image_server_does_not_run_as_root(cpu_stack):
     uid = cpu_stack.compose("exec", "-T", "server-cpu", "id", "-u").stdout.strip()
     assert uid.isdigit() and uid != "0", uid
@@ -319,6 +322,7 @@ def test_cpu_image_server_does_not_run_as_root(cpu_stack):
     assert "0" not in uids, f"the server process (pid 1) runs with uids {uids}"
 
 
+@pytest.mark.slow
 def test_cpu_image_is_offline_non_root_and_cpu_only(cpu_stack, request):
     config = json.loads(run(["docker", "image", "inspect", cpu_stack.image]).stdout)[0]["Config"]
     env = dict(item.split("=", 1) for item in config["Env"])
@@ -335,6 +339,7 @@ def test_cpu_image_is_offline_non_root_and_cpu_only(cpu_stack, request):
     assert size < 2.5e9, f"the CPU image is {size / 1e9:.1f} GB: the CPU-only torch should keep it well under"
 
 
+@pytest.mark.slow
 def test_rebuild_with_another_model_swaps_it_in_the_existing_volume(cpu_stack, request):
     """Docker fills the model-cache volume from the image only while it is empty: the entry point
     must put a newly baked model into the volume that still holds the previous one."""
@@ -348,6 +353,7 @@ def test_rebuild_with_another_model_swaps_it_in_the_existing_volume(cpu_stack, r
     assert {"models--test-org--tiny-gpt2", "models--test-org--tiny-gpt-neo"} <= set(cached), cached
 
 
+@pytest.mark.slow
 def test_cuda_image_builds_and_boots_on_the_cpu(bundle, request):
     if not bundle.wheelhouse and os.environ.get("IMAGE_TEST_CUDA") != "1":
         pytest.skip("without a wheelhouse this would download the CUDA wheels (~3 GB): set IMAGE_TEST_CUDA=1")
