@@ -80,7 +80,8 @@ def install(app: Flask, settings: Settings, metrics: Metrics) -> None:
     @app.before_request
     def _require_key():
         # A browser's CORS preflight never carries credentials; it runs no route, so let it through.
-        if request.method == "OPTIONS" or request.endpoint in PUBLIC_ENDPOINTS:
+        # So is a request for no route or a method a route lacks: it gets its 404 or 405 and nothing else.
+        if request.method == "OPTIONS" or request.endpoint in PUBLIC_ENDPOINTS or request.routing_exception:
             return None
         candidates = presented_keys()
         if any([matches(candidate) for candidate in candidates]):

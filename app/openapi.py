@@ -213,9 +213,9 @@ def build_document(app: Flask) -> dict:
             for model in _body_models(body):
                 models.append((model, "serialization"))
     models.append((ErrorResponse, "serialization"))
-    keys, definitions = models_json_schema(
+    keys, definitions = _readable_names(*models_json_schema(
         list(dict.fromkeys(models)), ref_template="#/components/schemas/{model}"
-    )
+    ))
 
     def ref(model: type[BaseModel], mode: str) -> dict:
         return keys[(model, mode)]
@@ -279,6 +279,31 @@ def build_document(app: Flask) -> dict:
     }
 
 
+# Models of the same name in two API modules (both have a `Usage`) get pydantic's module-qualified
+# names, e.g. `app__api__legacy_schemas__Usage`; the document calls them `LegacyUsage`, `OpenAIUsage`.
+_MODULE_PREFIXES = {"legacy": "Legacy", "openai": "OpenAI"}
+_QUALIFIED = re.compile(r"^app__api__(\w+?)_schemas__(\w+)$")
+
+
+def _readable_names(keys: dict, definitions: dict) -> tuple[dict, dict]:
+    renames = {}
+    for name in definitions.get("$defs", {}):
+        match = _QUALIFIED.match(name)
+        if match:
+            module, model = match.groups()
+            renames[name] = _MODULE_PREFIXES.get(module, module.capitalize()) + model
+    if not renames:
+        return keys, definitions
+    text = json.dumps({"keys": list(keys.values()), "definitions": definitions})
+    for old, new in renames.items():
+        text = text.replace(f'"#/components/schemas/{old}"', f'"#/components/schemas/{new}"')
+    data = json.loads(text)
+    defs = {renames.get(name, name): schema for name, schema in data["definitions"].get("$defs", {}).items()}
+    # The keys are (model, mode) tuples, which JSON cannot hold: pair them back with their new values.
+    keys = dict(zip(keys, data["keys"]))
+    return keys, {"$defs": defs}
+
+
 def _body_models(body: Body) -> list[type[BaseModel]]:
     found = [body.model] if body.model is not None else []
     events = body.events if isinstance(body.events, tuple) else (body.events,) if body.events else ()
@@ -299,7 +324,7 @@ def _converter_schema(converter: str) -> dict:
         return {"type": "string", "enum": re.findall(r'"([^"]+)"', converter)}
     if converter == "int":
         return {"type": "integer"}
-    return {"type": "string"}
+    return {"type": "string", "minLength": 1}
 
 
 def _response(body: Body, ref) -> dict:
@@ -307,14 +332,7 @@ def _response(body: Body, ref) -> dict:
     if body.model is not None:
         content["application/json"] = {"schema": ref(body.model, "serialization")}
     if body.events:
-        events = body.events if isinstance(body.events, tuple) else (body.events,)
-        content["text/event-stream"] = {
-            "schema": {
-                "type": "string",
-                "description": _SSE_TEXT + " Events: " + ", ".join(
-                    ref(m, "serialization")["$ref"].rsplit("/", 1)[-1] for m in events) + ".",
-            },
-        }
+        content["text/event-stream"] = {"schema": _event_schema(body, ref)}
     for media, schema in body.media.items():
         content[media] = {"schema": schema}
     response: dict = {
@@ -325,6 +343,29 @@ def _response(body: Body, ref) -> dict:
     if content:
         response["content"] = content
     return response
+
+
+def _event_schema(body: Body, ref) -> dict:
+    """One server-sent event, as the fields of an event (OpenAPI 3.1 has no way to say "a stream of"
+    these, so the schema describes each event, as schemathesis and OpenAPI 3.2's `itemSchema` read it):
+    its `data` is the JSON of one of the event models, or `[DONE]` where the stream ends with it."""
+    events = body.events if isinstance(body.events, tuple) else (body.events,)
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [ref(model, "serialization") for model in events]},
+    }
+    done = body.model is CompletionResponse  # the OpenAI stream ends with `data: [DONE]`
+    return {
+        "type": "object",
+        "description": _SSE_TEXT + " Events: " + ", ".join(model.__name__ for model in events)
+        + (", then `data: [DONE]`." if done else "."),
+        "required": ["data"],
+        "properties": {
+            "data": {"anyOf": [json_data, {"const": "[DONE]"}]} if done else json_data,
+            "event": {"type": "string"},
+        },
+    }
 
 
 def _version() -> str:

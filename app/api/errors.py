@@ -10,7 +10,7 @@ import logging
 
 from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from app.engine import EngineError
 
@@ -92,7 +92,12 @@ def register_error_handlers(app: Flask) -> None:
             404: f"no route {request.path}",
             405: f"{request.method} is not allowed on {request.path}",
         }
-        return error_response(exc.code or 500, messages.get(exc.code, exc.description), code=exc.name.lower().replace(" ", "_"))
+        response = error_response(exc.code or 500, messages.get(exc.code, exc.description),
+                                  code=exc.name.lower().replace(" ", "_"))
+        # A 405 must say which methods the route has (RFC 9110); werkzeug's exception knows them.
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
