@@ -188,7 +188,7 @@ class Bundle:
     builder: list[str]
     wheelhouse: str
     logs: Path
-    images: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # ids of the images built, removed at the end
 
     def with_model(self, arch: str, **extra: str) -> dict[str, str]:
         return {**self.env, "MODEL_ID": MODELS[arch], "MODEL_SOURCE": f"{MODELS_DIR}/{arch}", **extra}
@@ -205,7 +205,8 @@ class Bundle:
         log = self.logs / f"build-{profile}-{arch}.log"
         run(cmd, env=self.env, timeout=1800, log=log)
         seconds = time.monotonic() - started
-        self.images.append(image)
+        # By id: a later build under the same tag leaves this one untagged, not gone.
+        self.images.append(run(["docker", "image", "inspect", "--format", "{{.Id}}", image]).stdout.strip())
         size = int(run(["docker", "image", "inspect", "--format", "{{.Size}}", image]).stdout)
         report(request, f"{build['dockerfile']} ({MODELS[arch]}): built in {seconds:.1f} s, "
                         f"image {image} is {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB)")
