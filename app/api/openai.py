@@ -248,6 +248,13 @@ def _prompt_logprobs(job: _Job, prompt_logprobs) -> CompletionLogprobs:
     return _LogprobsBuilder(tokenizer, [], 0).build(job.prompt_ids, prompt_logprobs)
 
 
+def _choice_logprobs(req: CompletionRequest, prompt_lp: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    """A choice's own copy of the prompt's entries (with echo), or empty ones; None without logprobs."""
+    if req.logprobs is None:
+        return None
+    return prompt_lp.model_copy(deep=True) if prompt_lp else CompletionLogprobs()
+
+
 def _finish_reason(reason: str | None) -> str | None:
     # "cancelled" only reaches a client that has already gone; never show it.
     return reason if reason in (None, "stop", "length") else "stop"
@@ -295,16 +302,13 @@ def _complete(req: CompletionRequest, jobs: list[_Job], response_id: str, create
         if not job.keep_output:
             usage.add(len(job.prompt_ids), 0)
             for i in range(req.n):
-                logprobs = (prompt_lp.model_copy(deep=True) if prompt_lp else CompletionLogprobs()) \
-                    if req.logprobs is not None else None
-                choices.append(CompletionChoice(index=job.index * req.n + i, text=echo, logprobs=logprobs,
-                                                finish_reason="length"))
+                choices.append(CompletionChoice(index=job.index * req.n + i, text=echo,
+                                                logprobs=_choice_logprobs(req, prompt_lp), finish_reason="length"))
             continue
         usage.add(result.prompt_tokens, result.completion_tokens)
         for completion in result.completions:
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = prompt_lp.model_copy(deep=True) if prompt_lp else CompletionLogprobs()
+            logprobs = _choice_logprobs(req, prompt_lp)
+            if logprobs is not None:
                 builder = _LogprobsBuilder(tokenizer, job.prompt_ids, len(echo))
                 logprobs.extend(builder.build(completion.token_ids, completion.logprobs))
             choices.append(CompletionChoice(
@@ -347,12 +351,9 @@ def _stream_job(req: CompletionRequest, job: _Job, chunk):
     def echo_chunks(prompt_logprobs, finish_reason=None):
         if not req.echo and finish_reason is None:
             return []
-        lp = _prompt_logprobs(job, prompt_logprobs) if want_logprobs and req.echo else None
-        if want_logprobs and lp is None:
-            lp = CompletionLogprobs()
+        prompt_lp = _prompt_logprobs(job, prompt_logprobs) if want_logprobs and req.echo else None
         return [chunk([CompletionStreamChoice(index=job.index * n + i, text=echo,
-                                              logprobs=lp.model_copy(deep=True) if lp else None,
-                                              finish_reason=finish_reason)])
+                                              logprobs=_choice_logprobs(req, prompt_lp), finish_reason=finish_reason)])
                 for i in range(n)]
 
     if job.handle is None:  # max_tokens=0 and nothing to ask the engine
