@@ -265,8 +265,12 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, model, tokenizer):
     for offset, token in zip(lp.text_offset, lp.tokens):
         assert PROMPT[offset:].startswith(token)
 
-    # Without logprobs the prompt comes back as is.
+    # Without logprobs the prompt comes back as is; streamed too.
     assert greedy(client, model, echo=True, max_tokens=0).choices[0].text == PROMPT
+    chunks = list(greedy(client, model, echo=True, max_tokens=0, stream=True))
+    assert [(c.choices[0].text, c.choices[0].finish_reason) for c in chunks] == [(PROMPT, "length")]
+    streamed = list(greedy(client, model, echo=True, max_tokens=0, logprobs=2, stream=True))
+    assert streamed[0].choices[0].logprobs.tokens == lp.tokens
 
 
 def test_echo_and_logprobs_cover_prompt_then_completion(client, model, tokenizer):
