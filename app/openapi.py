@@ -271,10 +271,11 @@ def build_document(app: Flask) -> dict:
         "paths": paths,
         "components": {
             "schemas": definitions.get("$defs", {}),
-            "securitySchemes": {
+            # Only a server with API keys asks for one (Swagger UI then offers its Authorize button).
+            **({"securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
                 "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
-            },
+            }} if auth else {}),
         },
     }
 
