@@ -14,7 +14,7 @@ from app.api.errors import register_error_handlers
 from app.engine import Engine, EngineObserver
 from app.engine.engine import default_threads
 from app.logging_setup import configure_logging
-from app.model_loader import ModelLoadError, load_model
+from app.model_loader import ModelLoadError, load_model, plan_fit
 from app.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,24 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
     if not logging.getLogger().handlers:  # not started by `python -m app`, which configures logging
         configure_logging(settings)
     torch.set_num_threads(settings.torch_threads or default_threads())
+
+    # The fit check reads only the config, so the engine is built with the batch limits that fit; the
+    # settings the routes see carry them too. A refusal surfaces like any load failure, below.
+    plan, refusal = None, None
+    try:
+        plan = plan_fit(settings)
+        settings = settings.model_copy(
+            update={"max_batch_size": plan.max_batch_size, "max_batch_tokens": plan.max_batch_tokens})
+    except ModelLoadError as exc:
+        refusal = exc
+
     _log_limits(settings)
 
     def load():
         try:
-            return load_model(settings)
+            if refusal is not None:
+                raise refusal
+            return load_model(settings, plan)
         except ModelLoadError as exc:
             log.critical("%s", exc)
             if exit_on_load_failure:

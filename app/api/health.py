@@ -45,5 +45,8 @@ def health():
         "load_seconds": round(loaded.load_seconds, 3),
         "queue_size": engine.queue_size,
         "batch_size": engine.batch_size,
+        # The batch limits in force: the configured ones, or lower when the model left less memory.
+        "max_batch_size": engine.max_batch_size,
+        "max_batch_tokens": engine.max_batch_tokens,
         "versions": _versions(),
     })
