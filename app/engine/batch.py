@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from app.engine.request import RequestHandle, SamplingParams, TokenLogprob
 from app.engine.sampling import SamplingTensors, token_logprobs
@@ -44,8 +45,46 @@ class Sequence:
         return self.handle.request.max_total_tokens
 
 
-def _cache_from_layers(keys_values: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=keys_values)
+class _ReservedLayer(DynamicLayer):
+    """One layer's key/value cache with room reserved for the tokens its rows will still generate.
+
+    transformers' DynamicLayer grows by `torch.cat` at every step, copying the whole cache each
+    time; this layer writes each step's keys and values in place and exposes views of the filled part.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        rows, heads, length, head_dim = keys.shape
+        self._keys = keys.new_empty((rows, heads, max(capacity, length), head_dim))
+        self._values = values.new_empty((rows, heads, max(capacity, length), values.shape[-1]))
+        self._keys[:, :, :length] = keys
+        self._values[:, :, :length] = values
+        self.length = length
+        self.device = keys.device
+        self.is_initialized = True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._keys[:, :, : self.length]
+        self.values = self._values[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # more than reserved (not expected): grow, like DynamicLayer
+            self._keys = torch.cat([self._keys[:, :, : self.length], key_states], dim=-2)
+            self._values = torch.cat([self._values[:, :, : self.length], value_states], dim=-2)
+        else:
+            self._keys[:, :, self.length:end] = key_states
+            self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+
+def _reserved_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = [_ReservedLayer(keys, values, capacity) for keys, values in layers]
+    return cache
 
 
 def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -53,11 +92,13 @@ def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class Batch:
-    def __init__(self, sequences, next_tokens, attention_mask, cache, vocab_size):
+    def __init__(self, sequences, next_tokens, attention_mask, layers, vocab_size):
         self.sequences: list[Sequence] = sequences
         self.next_tokens: torch.Tensor = next_tokens  # [B] the tokens to feed at the next step
         self.attention_mask: torch.Tensor = attention_mask  # [B, L] over the cached columns
-        self.cache: DynamicCache = cache
+        # Rows are right-aligned, so the cache needs L columns plus the most steps any row has left.
+        steps_left = max(s.handle.request.max_new_tokens - len(s.generated) + 1 for s in sequences)
+        self.cache: DynamicCache = _reserved_cache(layers, attention_mask.shape[1] + steps_left)
         self.vocab_size = vocab_size
         self.sampling = SamplingTensors.build([s.params for s in sequences], attention_mask.device)
         self.prompt_seen: torch.Tensor | None = None  # [B, V] bool, for the repetition penalty
@@ -120,7 +161,8 @@ class Batch:
             cache.batch_select_indices(rows)
             last_logits = last_logits[rows]
             attention_mask = attention_mask[rows]
-        batch = cls(sequences, torch.empty(0, dtype=torch.long, device=device), attention_mask, cache, vocab_size)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        batch = cls(sequences, empty, attention_mask, _layers(cache), vocab_size)
         return batch, last_logits, prompt_logprobs
 
     @classmethod
@@ -140,7 +182,7 @@ class Batch:
             [s for b in batches for s in b.sequences],
             torch.cat([b.next_tokens for b in batches]),
             torch.cat(masks),
-            _cache_from_layers(layers),
+            layers,
             batches[0].vocab_size,
         )
         return merged
@@ -158,8 +200,7 @@ class Batch:
         mask = mask[:, first_used:]
         layers = [(k[index, :, first_used:], v[index, :, first_used:]) for k, v in _layers(self.cache)]
         kept = Batch(
-            [self.sequences[i] for i in keep], self.next_tokens[index], mask, _cache_from_layers(layers),
-            self.vocab_size,
+            [self.sequences[i] for i in keep], self.next_tokens[index], mask, layers, self.vocab_size,
         )
         return kept
 
