@@ -11,7 +11,7 @@ import os
 import re
 from typing import Literal
 
-from pydantic import ByteSize, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The original project's `.env` chose the model by index into this list (SRVREST_MODEL).
@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     model_revision: str = "main"
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: linear layers with int8 weights, the fastest way to serve on a CPU "
+        "(CPU and float32 only; see app/quantization.py)",
+    )
 
     # Memory: what the model may use, and what happens when it does not fit (see app/model_loader.py).
     memory_limit: ByteSize = Field(
@@ -64,7 +68,7 @@ class Settings(BaseSettings):
     # Engine: batching and backpressure.
     max_batch_size: int = Field(32, ge=1, le=1024, description="most sequences decoded together")
     max_batch_tokens: int = Field(32768, ge=16, description="most tokens (prompt + new, padded) held by the batch")
-    max_queue: int = Field(128, ge=0, description="requests allowed to wait for a place in the batch")
+    max_queue: int = Field(128, ge=1, description="requests allowed to wait for a place in the batch")
     queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait before it is refused")
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = physical cores")
 
@@ -88,6 +92,24 @@ class Settings(BaseSettings):
     def _check_device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize_lower_case(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("quantize")
+    @classmethod
+    def _check_quantize(cls, value: str, info: ValidationInfo) -> str:
+        # What the settings alone rule out; app/quantization.py checks the loaded model (DEVICE=auto on a
+        # GPU machine, the architecture) again at load time.
+        if value == "int8":
+            if str(info.data.get("device", "")).startswith("cuda"):
+                raise ValueError("int8 runs on the CPU only; use DEVICE=cpu with it, or QUANTIZE=none on a GPU")
+            if info.data.get("dtype") in ("float16", "bfloat16"):
+                raise ValueError(f"int8 quantizes float32 weights; use DTYPE=float32 (or auto) with it, "
+                                 f"not DTYPE={info.data['dtype']}")
         return value
 
     @field_validator("model_id", "model_revision")

@@ -102,7 +102,7 @@ def _check_limits(req: CompletionRequest) -> None:
     if req.n > limits.max_num_return_sequences:
         raise ApiError(400, f"n: at most {limits.max_num_return_sequences} on this server (MAX_NUM_RETURN_SEQUENCES); "
                             f"got {req.n}", param="n", code="too_many_sequences")
-    most_prompts = max(limits.max_queue, 1)
+    most_prompts = limits.max_queue
     if len(req.prompts) > most_prompts:
         # Every prompt is one engine request; more than the queue holds could never be taken at once.
         raise ApiError(400, f"prompt: a list of {len(req.prompts)} prompts is more than this server queues at once "
