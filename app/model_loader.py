@@ -714,6 +714,9 @@ def load_model(settings: Settings, plan: FitPlan | None = None) -> LoadedModel:
     except OSError as exc:
         raise ModelLoadError(_not_found_message(settings, exc)) from exc
     model.eval()
+    from app.quantization import quantize  # here: app.quantization imports this module
+
+    model = quantize(model, settings)  # QUANTIZE=int8: int8 linear layers; unchanged for QUANTIZE=none
     device = plan.device
     if plan.device_map:
         # The engine puts its inputs on `model.device` (the first parameter's: the input embeddings).

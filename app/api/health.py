@@ -41,6 +41,7 @@ def health():
         "revision": loaded.revision,
         "device": str(loaded.device),
         "dtype": loaded.dtype_name,
+        "quantization": settings.quantize,  # "int8": linear layers hold int8 weights (app/quantization.py)
         "context_length": loaded.context_length,
         "load_seconds": round(loaded.load_seconds, 3),
         "queue_size": engine.queue_size,

@@ -1,0 +1,266 @@
+"""QUANTIZE=int8: int8 linear layers on the CPU, for GPT-2, GPT-Neo and GPT-J.
+
+The numerics are checked on the model objects the loader returns (the production loading path), against
+float32 logits of the same weights. Everything a user does with the option goes through the real server:
+health, greedy and sampled text, streaming, seeds, log-probabilities, cancellation, and the refusals at
+boot where int8 does not apply. How good int8 is on a trained model is measured by
+scripts/quality_int8.py (random tiny models cannot tell), how fast by scripts/bench.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import openai
+import pytest
+import requests
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from app.model_loader import load_model
+from app.quantization import QuantizationError, quantize
+from app.settings import Settings
+from tests.conftest import ARCHITECTURES
+
+PROMPT = "Beautiful is better than ugly. Explicit is better than implicit."
+
+
+def settings(model_id, **values) -> Settings:
+    return Settings(_env_file=None, model_id=str(model_id), **values)
+
+
+def wait_for_exit(server, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while server.process.poll() is None:
+        assert time.monotonic() < deadline, f"the server did not stop:\n{server.log}"
+        time.sleep(0.2)
+    return server.process.returncode
+
+
+# ---- int8 computes what float32 does ---------------------------------------------------------------
+
+
+def logits_of(model) -> torch.Tensor:
+    """Logits of a left-padded batch of prompts, as the engine feeds it (mask and positions)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (4, 48), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[0, :7] = 0
+    mask[2, :20] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
+    return out.logits[mask.bool()]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_int8_logits_are_close_to_float32(arch, tiny_models):
+    reference = load_model(settings(tiny_models.folders[arch], device="cpu"))
+    loaded = load_model(settings(tiny_models.folders[arch], device="cpu", quantize="int8"))
+    model = loaded.model
+    # Every linear layer (GPT-2's Conv1D included) and the output layer hold int8 weights now...
+    assert not [m for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D)]
+    assert "Quantized" in type(model.get_output_embeddings()).__qualname__ or "quantized" in type(
+        model.get_output_embeddings()).__module__
+    # ...and the input embedding kept its float32 matrix (GPT-2 and GPT-Neo tie it to the output layer).
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.device.type == "cpu" and loaded.dtype == torch.float32
+
+    expected, got = logits_of(reference.model), logits_of(model)
+    assert torch.isfinite(got).all()
+    assert not torch.equal(got, expected), "nothing was quantized"
+    # 8 bits keep about 2.5 significant digits per weight and activation: every logit stays within a
+    # quarter of the logits' spread of float32's (measured: at most 0.2 of it), and the logit vectors keep
+    # their direction (a wrong scale, transposition or layer would give errors of the spread's size).
+    assert (got - expected).abs().max() < 0.25 * expected.std()
+    cosine = torch.nn.functional.cosine_similarity(got, expected, dim=-1)
+    assert cosine.min() > 0.995, cosine.min()
+    # The most likely next token is float32's wherever float32 is not close to a tie (random tiny models
+    # have nearly flat distributions, where the rounding may swap the two best tokens).
+    top2 = expected.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.2 * expected.std()
+    assert clear.sum() > len(expected) // 3
+    assert torch.equal(got[clear].argmax(-1), expected[clear].argmax(-1))
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean()
+    assert agreement > 0.85, agreement
+
+
+def test_none_leaves_the_model_alone(tiny_models):
+    loaded = load_model(settings(tiny_models.folders["gpt2"], device="cpu"))
+    assert quantize(loaded.model, settings(tiny_models.folders["gpt2"], quantize="none")) is loaded.model
+    assert any(isinstance(m, Conv1D) for m in loaded.model.modules())
+
+
+def test_a_model_on_another_dtype_is_refused(tiny_models):
+    loaded = load_model(settings(tiny_models.folders["gpt2"], device="cpu", dtype="bfloat16"))
+    with pytest.raises(QuantizationError, match="DTYPE=float32"):
+        quantize(loaded.model, settings(tiny_models.folders["gpt2"], quantize="int8"))
+
+
+# ---- through the real server -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def int8_server(request, start_server, tiny_models):
+    server = start_server(MODEL_ID=tiny_models.repo_ids[request.param], QUANTIZE="int8")
+    server.arch = request.param
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def int8_models(tiny_models):
+    """The int8 model of each architecture as the server loads it, to compare the server's output with."""
+    return {arch: load_model(settings(tiny_models.folders[arch], device="cpu", quantize="int8"))
+            for arch in ARCHITECTURES}
+
+
+def generate(url: str, prompt: str, **fields) -> dict:
+    response = requests.post(url + "/generate", json={"text": {"plain": prompt}, **fields}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def continuation(result: dict, prompt: str, index: int = 0) -> str:
+    text = result["sentences"][index]["generated_text"]
+    assert text.startswith(prompt)
+    return text[len(prompt):]
+
+
+def test_health_reports_int8(int8_server):
+    health = requests.get(int8_server.url + "/health", timeout=30).json()
+    assert (health["status"], health["device"], health["dtype"], health["quantization"]) == (
+        "ok", "cpu", "float32", "int8")
+    assert "QUANTIZE=int8" in int8_server.log
+
+
+def test_default_is_no_quantization(gpt2_server):
+    assert requests.get(gpt2_server.url + "/health", timeout=30).json()["quantization"] == "none"
+
+
+def test_greedy_text_is_the_int8_models_generate(int8_server, int8_models):
+    """The server decodes with the int8 model: its greedy text is that model's `generate`."""
+    loaded = int8_models[int8_server.arch]
+    tokenizer = loaded.tokenizer
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
+                                    do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    got = continuation(generate(int8_server.url, PROMPT, max_new_tokens=24, min_new_tokens=24), PROMPT)
+    assert got == expected
+
+
+def test_stream_gives_the_same_text(int8_server):
+    fields = dict(max_new_tokens=20, min_new_tokens=20)
+    whole = continuation(generate(int8_server.url, PROMPT, **fields), PROMPT)
+    body = {"text": {"plain": PROMPT}, **fields}
+    with requests.post(int8_server.url + "/generate_stream", json=body, stream=True, timeout=120) as response:
+        assert response.status_code == 200, response.text
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith(b"data: ")]
+    assert len(events) > 2, "the text did not come in pieces"
+    assert "".join(e.get("text", "") for e in events) == whole
+    assert events[-1]["done"] and events[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(int8_server):
+    fields = dict(do_sample=True, temperature=1.0, top_k=0, max_new_tokens=24, min_new_tokens=24,
+                  num_return_sequences=2, seed=42)
+    first = generate(int8_server.url, "Hello", **fields)
+    again = generate(int8_server.url, "Hello", **fields)
+    other = generate(int8_server.url, "Hello", **{**fields, "seed": 43})
+    texts = [s["generated_text"] for s in first["sentences"]]
+    assert texts == [s["generated_text"] for s in again["sentences"]]
+    assert texts != [s["generated_text"] for s in other["sentences"]]
+    assert texts[0] != texts[1]
+
+
+def test_logprobs_are_the_int8_models_and_near_float32(int8_server, int8_models, tiny_models):
+    """Prompt log-probabilities scored by the server are the int8 model's, and near float32's."""
+    loaded = int8_models[int8_server.arch]
+    client = openai.OpenAI(base_url=int8_server.url + "/v1", api_key="unused")
+    model_id = client.models.list().data[0].id
+    scored = client.completions.create(model=model_id, prompt=PROMPT, echo=True, max_tokens=0, logprobs=2)
+    got = scored.choices[0].logprobs.token_logprobs[1:]
+
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    reference = load_model(settings(tiny_models.folders[int8_server.arch], device="cpu")).model
+
+    def prompt_logprobs(model) -> list[float]:
+        with torch.inference_mode():
+            logits = model(ids).logits[0, :-1].float()
+        return logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].tolist()
+
+    assert len(got) == ids.shape[1] - 1
+    assert got == pytest.approx(prompt_logprobs(loaded.model), abs=1e-3)
+    assert got == pytest.approx(prompt_logprobs(reference), abs=0.05)
+
+    # Log-probabilities of generated tokens, streamed: the chosen token among the alternatives.
+    chunks = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=6, logprobs=2, stream=True,
+                                       extra_body={"ignore_eos": True})
+    entries = [(t, lp, top) for c in chunks if c.choices[0].logprobs
+               for t, lp, top in zip(c.choices[0].logprobs.tokens, c.choices[0].logprobs.token_logprobs,
+                                     c.choices[0].logprobs.top_logprobs)]
+    assert len(entries) == 6
+    for token, logprob, top in entries:
+        # (Different byte-level tokens may print alike, e.g. as "\ufffd", so `top` is checked by name only.)
+        assert logprob <= 0 and token in top and all(value <= 0 for value in top.values())
+
+
+def test_a_cancelled_stream_leaves_the_batch(int8_server):
+    body = {"text": {"plain": "Hello"}, "max_new_tokens": 900, "min_new_tokens": 900}
+    response = requests.post(int8_server.url + "/generate_stream", json=body, stream=True, timeout=60)
+    next(line for line in response.iter_lines() if line.startswith(b"data: "))
+    running = requests.get(int8_server.url + "/health", timeout=5).json()["batch_size"]
+    assert running >= 1, running
+    response.close()
+    deadline = time.monotonic() + 10
+    while requests.get(int8_server.url + "/health", timeout=5).json()["batch_size"] != 0:
+        assert time.monotonic() < deadline, "the cancelled request stayed in the batch"
+        time.sleep(0.05)
+    assert continuation(generate(int8_server.url, "Still", max_new_tokens=4), "Still")
+
+
+# ---- where it does not apply ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"DEVICE": "cuda"}, "setting QUANTIZE='int8' is invalid: int8 runs on the CPU only"),
+    ({"DEVICE": "cuda:1"}, "use DEVICE=cpu with it, or QUANTIZE=none on a GPU"),
+    ({"DTYPE": "bfloat16"}, "use DTYPE=float32 (or auto) with it, not DTYPE=bfloat16"),
+])
+def test_settings_it_cannot_work_with_are_refused_at_boot(start_server, values, message):
+    server = start_server(QUANTIZE="int8", wait=False, **values)
+    assert wait_for_exit(server) != 0
+    assert message in server.log
+
+
+def test_an_unknown_method_is_refused_at_boot(start_server):
+    server = start_server(QUANTIZE="int4", wait=False)
+    assert wait_for_exit(server) != 0
+    assert "setting QUANTIZE='int4' is invalid: Input should be 'none' or 'int8'" in server.log
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tiny_models, tmp_path_factory):
+    """A tiny OPT model (an architecture int8 here does not cover), with the tiny GPT-2's tokenizer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-opt")
+    gpt2 = tiny_models.folders["gpt2"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (gpt2 / name).exists():
+            shutil.copy(gpt2 / name, folder / name)
+    config = OPTConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+                       max_position_embeddings=256, word_embed_proj_dim=32)
+    OPTForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_an_architecture_it_does_not_cover_is_refused_at_boot(start_server, tiny_opt):
+    server = start_server(MODEL_ID=str(tiny_opt), QUANTIZE="int8", wait=False)
+    assert wait_for_exit(server) != 0
+    assert "QUANTIZE=int8 supports GPT-2, GPT-Neo, GPT-J models; this model is 'opt'" in server.log
+    assert "Use QUANTIZE=none" in server.log
