@@ -293,12 +293,14 @@ def test_repetition_penalty_as_transformers_applies_it(gpt2_server, reference, p
     assert texts(answer) != [ref.greedy(SHORT, max_length=40)]
 
 
-def test_typical_p(gpt2_server, reference):
-    # A tiny typical mass keeps one token per step, so sampling is deterministic and comparable.
-    expected, _ = reference().generate(SHORT, max_new_tokens=20, do_sample=True, typical_p=1e-6, top_k=0)
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_typical_p(gpt2_server, reference, top_k):
+    # A tiny typical mass keeps one token per step, so sampling is deterministic and comparable;
+    # with top_k the typical token is chosen among the top k, in transformers' order of filters.
+    expected, _ = reference().generate(SHORT, max_new_tokens=20, do_sample=True, typical_p=1e-6, top_k=top_k)
     for seed in (1, 2):
-        body = {"text": {"plain": SHORT}, "max_new_tokens": 20, "do_sample": True, "typical_p": 1e-6, "top_k": 0,
-                "seed": seed}
+        body = {"text": {"plain": SHORT}, "max_new_tokens": 20, "do_sample": True, "typical_p": 1e-6,
+                "top_k": top_k, "seed": seed}
         assert texts(generate(gpt2_server, body)) == [expected]
     assert sample(gpt2_server, 4, typical_p=0.9) == sample(gpt2_server, 4, typical_p=0.9)
 

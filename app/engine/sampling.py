@@ -112,11 +112,12 @@ def choose_tokens(logits: torch.Tensor, t: SamplingTensors, uniforms: torch.Tens
     greedy_tokens = logits.argmax(dim=-1)
     if t.all_greedy:
         return greedy_tokens
+    # The order of transformers' generate: temperature, top-k, top-p, then typical-p.
     scaled = logits / t.temperature
-    if t.use_typical:
-        scaled = scaled.masked_fill(_typical_mask(scaled, t.typical_p), NEG_INF)
     if t.use_top_k or t.needs_full_sort:
         scaled = scaled.masked_fill(_threshold_mask(scaled, t), NEG_INF)
+    if t.use_typical:
+        scaled = scaled.masked_fill(_typical_mask(scaled, t.typical_p), NEG_INF)
     cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
     targets = (uniforms.unsqueeze(1) * cdf[:, -1:]).to(cdf.dtype)
     sampled = torch.searchsorted(cdf, targets).squeeze(1).clamp(max=logits.shape[-1] - 1)
