@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import torch
 from flask import Flask
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # Exit status that makes the gunicorn master stop instead of restarting the worker.
 WORKER_BOOT_ERROR = 3
+# After the engine thread died, /health reports it this long, then the worker exits and gunicorn
+# starts a fresh one (which loads the model again): a broken engine is never left serving errors.
+RESTART_AFTER_ENGINE_DEATH_SECONDS = 10
 
 
 def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool = True,
@@ -66,6 +70,7 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
         observer=observer or app_metrics,
+        on_death=_restart_worker_later if exit_on_load_failure else None,
     )
     app_metrics.watch(engine)
 
@@ -88,6 +93,15 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
     app.register_blueprint(openapi.bp)
     engine.start()
     return app
+
+
+def _restart_worker_later() -> None:
+    def restart():
+        log.critical("the generation engine died; restarting the worker")
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Timer(RESTART_AFTER_ENGINE_DEATH_SECONDS, restart).start()
 
 
 def _log_limits(settings: Settings) -> None:

@@ -270,7 +270,7 @@ def test_failed_step_fails_its_batch_and_the_engine_goes_on(start_server):
     assert generate(server.url, "Hello", max_new_tokens=50)["usage"]["completion_tokens"] == 50
 
 
-def test_dead_engine_makes_health_fail(start_server):
+def test_dead_engine_makes_health_fail_then_the_worker_restarts(start_server):
     server = _fault_server(start_server, FAULT_KILL_AT_LENGTH=50)
     response = requests.post(server.url + "/generate", json={"text": {"plain": "Hello"}, "max_new_tokens": 100})
     assert response.status_code == 503
@@ -280,3 +280,13 @@ def test_dead_engine_makes_health_fail(start_server):
     assert "killed" in health.json()["error"]
     refused = requests.post(server.url + "/generate", json={"text": {"plain": "Hello"}})
     assert refused.status_code == 503
+    # Then the worker is replaced by a fresh one, which loads the model and serves again.
+    assert wait_until(lambda: _health_status(server) == 200, timeout=120), server.log
+    assert generate(server.url, "Hello", max_new_tokens=20)["usage"]["completion_tokens"] == 20
+
+
+def _health_status(server) -> int | None:
+    try:
+        return requests.get(server.url + "/health", timeout=5).status_code
+    except requests.ConnectionError:
+        return None

@@ -58,6 +58,7 @@ class Engine:
         max_queue: int,
         queue_timeout: float,
         observer: EngineObserver | None = None,
+        on_death: Callable[[], None] | None = None,
     ):
         self._load = load
         self.max_batch_size = max_batch_size
@@ -65,6 +66,7 @@ class Engine:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.observer = observer or EngineObserver()
+        self._on_death = on_death  # called once the thread has died, after every request was told
         self.loaded = None  # LoadedModel once ready
         self.state = "loading"  # loading -> ready -> (failed | stopped)
         self.failure: str | None = None
@@ -140,6 +142,8 @@ class Engine:
             self.state = "failed"
             log.exception("generation engine stopped")
             self._fail_everything(EngineUnavailableError(f"the generation engine has stopped: {self.failure}"))
+            if self._on_death is not None:
+                self._on_death()
             raise
 
     def _loop(self) -> None:
