@@ -80,8 +80,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def gib(size: float) -> str:
-    """Bytes in the unit operators set limits in; small sizes keep a readable number."""
-    if size >= 0.1 * GiB:
+    """Bytes in the unit operators set limits in; sizes under a GiB in MiB, to stay readable."""
+    if size >= GiB:
         return f"{size / GiB:.1f} GiB"
     return f"{size / 1024**2:.1f} MiB"
 
