@@ -94,11 +94,6 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 
-    @field_validator("quantize", mode="before")
-    @classmethod
-    def _quantize_lower_case(cls, value):
-        return value.strip().lower() if isinstance(value, str) else value
-
     @field_validator("quantize")
     @classmethod
     def _check_quantize(cls, value: str, info: ValidationInfo) -> str:
@@ -119,14 +114,10 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value.strip()
 
-    @field_validator("offload", mode="before")
-    @classmethod
-    def _offload_lower_case(cls, value):
-        return value.strip().lower() if isinstance(value, str) else value
-
-    @field_validator("log_format", "log_level", mode="before")
+    @field_validator("dtype", "quantize", "offload", "log_format", "log_level", mode="before")
     @classmethod
     def _lower_case(cls, value):
+        """Choices are case-insensitive: QUANTIZE=INT8 and LOG_LEVEL=DEBUG mean what they say."""
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("api_key")
