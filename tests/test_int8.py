@@ -20,7 +20,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from app.model_loader import load_model
-from app.quantization import QuantizationError, quantize
+from app.quantization import Int8Embedding, QuantizationError, quantize
 from app.settings import Settings
 from tests.conftest import ARCHITECTURES
 
@@ -37,6 +37,19 @@ def wait_for_exit(server, timeout: float = 120) -> int:
         assert time.monotonic() < deadline, f"the server did not stop:\n{server.log}"
         time.sleep(0.2)
     return server.process.returncode
+
+
+def batch_size(url: str) -> int:
+    return requests.get(url + "/health", timeout=5).json()["batch_size"]
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # ---- int8 computes what float32 does ---------------------------------------------------------------
@@ -60,12 +73,12 @@ def test_int8_logits_are_close_to_float32(arch, tiny_models):
     reference = load_model(settings(tiny_models.folders[arch], device="cpu"))
     loaded = load_model(settings(tiny_models.folders[arch], device="cpu", quantize="int8"))
     model = loaded.model
-    # Every linear layer (GPT-2's Conv1D included) and the output layer hold int8 weights now...
-    assert not [m for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D)]
-    assert "Quantized" in type(model.get_output_embeddings()).__qualname__ or "quantized" in type(
-        model.get_output_embeddings()).__module__
-    # ...and the input embedding kept its float32 matrix (GPT-2 and GPT-Neo tie it to the output layer).
-    assert model.get_input_embeddings().weight.dtype == torch.float32
+    # Every linear layer (GPT-2's Conv1D included), the output layer and the token embedding hold int8
+    # weights now; no float32 matrix is left but the position embeddings and layer norms.
+    assert not [m for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D, torch.nn.Embedding)
+                and m is not getattr(model.transformer, "wpe", None)]
+    assert "quantized" in type(model.get_output_embeddings()).__module__
+    assert isinstance(model.get_input_embeddings(), Int8Embedding)
     assert model.device.type == "cpu" and loaded.dtype == torch.float32
 
     expected, got = logits_of(reference.model), logits_of(model)
@@ -140,47 +153,52 @@ def test_default_is_no_quantization(gpt2_server):
     assert requests.get(gpt2_server.url + "/health", timeout=30).json()["quantization"] == "none"
 
 
+def openai_client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
 def test_greedy_text_is_the_int8_models_generate(int8_server, int8_models):
     """The server decodes with the int8 model: its greedy text is that model's `generate`."""
     loaded = int8_models[int8_server.arch]
     tokenizer = loaded.tokenizer
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.inference_mode():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
-                                    do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                    pad_token_id=tokenizer.eos_token_id)
     expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    got = continuation(generate(int8_server.url, PROMPT, max_new_tokens=24, min_new_tokens=24), PROMPT)
+    got = continuation(generate(int8_server.url, PROMPT, max_new_tokens=24), PROMPT)
     assert got == expected
 
 
 def test_stream_gives_the_same_text(int8_server):
-    fields = dict(max_new_tokens=20, min_new_tokens=20)
-    whole = continuation(generate(int8_server.url, PROMPT, **fields), PROMPT)
-    body = {"text": {"plain": PROMPT}, **fields}
+    whole = continuation(generate(int8_server.url, PROMPT, max_new_tokens=20), PROMPT)
+    body = {"text": {"plain": PROMPT}, "max_new_tokens": 20}
     with requests.post(int8_server.url + "/generate_stream", json=body, stream=True, timeout=120) as response:
         assert response.status_code == 200, response.text
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith(b"data: ")]
-    assert len(events) > 2, "the text did not come in pieces"
     assert "".join(e.get("text", "") for e in events) == whole
-    assert events[-1]["done"] and events[-1]["usage"]["completion_tokens"] == 20
+    assert events[-1]["done"] and 1 <= events[-1]["usage"]["completion_tokens"] <= 20
 
 
 def test_seeded_sampling_repeats_and_seeds_differ(int8_server):
-    fields = dict(do_sample=True, temperature=1.0, top_k=0, max_new_tokens=24, min_new_tokens=24,
-                  num_return_sequences=2, seed=42)
-    first = generate(int8_server.url, "Hello", **fields)
-    again = generate(int8_server.url, "Hello", **fields)
-    other = generate(int8_server.url, "Hello", **{**fields, "seed": 43})
-    texts = [s["generated_text"] for s in first["sentences"]]
-    assert texts == [s["generated_text"] for s in again["sentences"]]
-    assert texts != [s["generated_text"] for s in other["sentences"]]
-    assert texts[0] != texts[1]
+    client = openai_client(int8_server)
+    model_id = client.models.list().data[0].id
+
+    def sample(seed: int) -> list[str]:
+        completion = client.completions.create(model=model_id, prompt="Hello", max_tokens=24, n=2, seed=seed,
+                                               temperature=1.0, extra_body={"ignore_eos": True})
+        return [choice.text for choice in completion.choices]
+
+    first = sample(42)
+    assert sample(42) == first
+    assert sample(43) != first
+    assert first[0] != first[1]
 
 
 def test_logprobs_are_the_int8_models_and_near_float32(int8_server, int8_models, tiny_models):
     """Prompt log-probabilities scored by the server are the int8 model's, and near float32's."""
     loaded = int8_models[int8_server.arch]
-    client = openai.OpenAI(base_url=int8_server.url + "/v1", api_key="unused")
+    client = openai_client(int8_server)
     model_id = client.models.list().data[0].id
     scored = client.completions.create(model=model_id, prompt=PROMPT, echo=True, max_tokens=0, logprobs=2)
     got = scored.choices[0].logprobs.token_logprobs[1:]
@@ -209,19 +227,25 @@ def test_logprobs_are_the_int8_models_and_near_float32(int8_server, int8_models,
         assert logprob <= 0 and token in top and all(value <= 0 for value in top.values())
 
 
-def test_a_cancelled_stream_leaves_the_batch(int8_server, tiny_models):
-    # ignore_eos: a random model could otherwise end the request before the client leaves.
-    body = {"model": tiny_models.repo_ids[int8_server.arch], "prompt": "Hello", "max_tokens": 900,
+def cancelled_requests(server) -> float:
+    """The server's own count of generation requests dropped because their client went away."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    return next(s.value for s in samples if s.name == "gpt_server_requests_cancelled_total")
+
+
+def test_a_cancelled_stream_is_dropped_from_the_batch(int8_server, tiny_models):
+    before = cancelled_requests(int8_server)
+    # The rest of the context, end-of-text ignored: it runs until the client leaves.
+    body = {"model": tiny_models.repo_ids[int8_server.arch], "prompt": "Hello", "max_tokens": None,
             "stream": True, "ignore_eos": True}
     response = requests.post(int8_server.url + "/v1/completions", json=body, stream=True, timeout=60)
     next(line for line in response.iter_lines() if line.startswith(b"data: "))
-    running = requests.get(int8_server.url + "/health", timeout=5).json()["batch_size"]
-    assert running >= 1, running
     response.close()
-    deadline = time.monotonic() + 10
-    while requests.get(int8_server.url + "/health", timeout=5).json()["batch_size"] != 0:
-        assert time.monotonic() < deadline, "the cancelled request stayed in the batch"
-        time.sleep(0.05)
+    assert wait_until(lambda: batch_size(int8_server.url) == 0, timeout=30), "the cancelled request stayed"
+    assert cancelled_requests(int8_server) == before + 1, "not cancelled: it ran to its end"
     assert continuation(generate(int8_server.url, "Still", max_new_tokens=4), "Still")
 
 
