@@ -134,8 +134,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     dtype = DTYPES[name]
     if device.type == "cpu" and dtype == torch.float16:
         raise ModelLoadError(
-            "DTYPE=float16 is not supported on the CPU (slow, and its range overflows in these models); "
-            "use DTYPE=bfloat16 (half the memory of float32) or DTYPE=float32"
+            "DTYPE=float16 is not supported on the CPU (CPUs compute it slowly, and its narrow range can "
+            "overflow); use DTYPE=bfloat16 (half the memory of float32, float32's range) or DTYPE=float32"
         )
     return dtype
 
