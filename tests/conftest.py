@@ -54,6 +54,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def batch_size(url: str) -> int:
+    """Sequences the server is decoding right now, as /health reports them."""
+    return requests.get(url + "/health", timeout=5).json()["batch_size"]
+
+
+def wait_for_exit(server: "Server", timeout: float = 120) -> int:
+    """The exit status of a server expected to stop by itself (a boot refusal, say)."""
+    assert wait_until(lambda: server.process.poll() is not None, timeout), f"the server did not stop:\n{server.log}"
+    return server.process.returncode
+
+
 class Server:
     """A real server process: `python -m app` with the given environment."""
 

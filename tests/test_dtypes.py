@@ -8,7 +8,6 @@ chunk, the attention implementation the loader picks), against float32 logits of
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import requests
@@ -16,6 +15,7 @@ import torch
 
 from app.model_loader import attention_implementation, load_config, load_model, load_weights, plan_fit
 from app.settings import Settings
+from tests.conftest import wait_for_exit
 
 ARCHITECTURES = ("gpt2", "gpt-neo", "gptj")
 PROMPT = "When Konrad Adenauer was elected chancellor in"
@@ -27,12 +27,6 @@ def settings(model_id, **values) -> Settings:
     return Settings(_env_file=None, model_id=str(model_id), **values)
 
 
-def wait_for_exit(server, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while server.process.poll() is None:
-        assert time.monotonic() < deadline, f"the server did not stop:\n{server.log}"
-        time.sleep(0.2)
-    return server.process.returncode
 
 
 # ---- which dtype the server serves in ------------------------------------------------------------

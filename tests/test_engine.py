@@ -18,7 +18,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import ARCHITECTURES, ROOT
+from tests.conftest import ARCHITECTURES, ROOT, batch_size, wait_until
 
 PROMPTS = [
     "Hello",
@@ -70,17 +70,8 @@ class BatchWatcher:
         self._thread.join()
 
 
-def batch_size(url: str) -> int:
-    return requests.get(url + "/health", timeout=5).json()["batch_size"]
 
 
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -15,7 +15,6 @@ import pathlib
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -25,6 +24,7 @@ from app.model_loader import (
     MemoryBudget, ModelLoadError, load_config, memory_need, model_shape, plan_for,
 )
 from app.settings import Settings
+from tests.conftest import wait_for_exit
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -38,12 +38,6 @@ def settings(**values) -> Settings:
     return Settings(_env_file=None, **values)
 
 
-def wait_for_exit(server, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while server.process.poll() is None:
-        assert time.monotonic() < deadline, f"the server did not stop:\n{server.log}"
-        time.sleep(0.2)
-    return server.process.returncode
 
 
 def sizes_in(message: str) -> list[float]:

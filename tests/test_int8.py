@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import openai
 import pytest
@@ -22,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from app.model_loader import load_model
 from app.quantization import Int8Embedding, QuantizationError, quantize
 from app.settings import Settings
-from tests.conftest import ARCHITECTURES
+from tests.conftest import ARCHITECTURES, batch_size, wait_for_exit, wait_until
 
 PROMPT = "Beautiful is better than ugly. Explicit is better than implicit."
 
@@ -31,25 +30,10 @@ def settings(model_id, **values) -> Settings:
     return Settings(_env_file=None, model_id=str(model_id), **values)
 
 
-def wait_for_exit(server, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while server.process.poll() is None:
-        assert time.monotonic() < deadline, f"the server did not stop:\n{server.log}"
-        time.sleep(0.2)
-    return server.process.returncode
 
 
-def batch_size(url: str) -> int:
-    return requests.get(url + "/health", timeout=5).json()["batch_size"]
 
 
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # ---- int8 computes what float32 does ---------------------------------------------------------------
