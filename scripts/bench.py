@@ -1,18 +1,20 @@
 """Benchmark the server against plain `model.generate` on the same model, in the same run.
 
-    python scripts/bench.py                      # GPT-2-small-sized random model, float32
+    python scripts/bench.py                      # GPT-2-small-sized random model: float32 and int8 servers
     python scripts/bench.py --concurrency 1 16 --requests-per-client 2
+    python scripts/bench.py --quantize none      # the float32 server only
 
 What it does:
 1. makes (or reuses, in --model-dir) a GPT-2-small-sized model (124M parameters, vocabulary 50257)
    with random weights and a byte-level tokenizer without an end-of-sequence token, so every
    request generates its full length; nothing is downloaded;
 2. measures in-process `model.generate` at batch 1 and 16 (the baseline);
-3. starts the real server (`python -m app`) on that model and, for each concurrency level, runs
-   that many clients in parallel streaming `/generate_stream` with different ~32-token prompts,
-   128 new tokens, sampling with top-k 50 and temperature 0.6;
+3. starts the real server (`python -m app`) on that model, once per --quantize mode (float32, then
+   QUANTIZE=int8), and for each concurrency level runs that many clients in parallel streaming
+   `/generate_stream` with different ~32-token prompts, 128 new tokens, sampling with top-k 50 and
+   temperature 0.6;
 4. prints aggregate generated tokens/s, p50/p90 latency, p50 time to first token and the server's
-   peak resident memory, each throughput also as a ratio to the baseline.
+   peak resident memory, each throughput also as a ratio to the float32 baseline.
 """
 
 from __future__ import annotations
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--port", type=int, default=49170)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = physical cores)")
+    parser.add_argument("--quantize", nargs="+", choices=["none", "int8"], default=["none", "int8"],
+                        help="server modes to measure, one server each (QUANTIZE); the baseline is always float32")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -247,14 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     baseline = measure_generate(model_dir, [1, 16], threads)
 
     rows = []
-    server = RunningServer(model_dir, args.port, {"TORCH_THREADS": str(threads)})
-    try:
-        for concurrency in args.concurrency:
-            row = measure_server(server, "float32", concurrency, args.requests_per_client)
-            print(f"  server float32 concurrency {concurrency:>2}: {row.tokens_per_s:7.1f} tokens/s", flush=True)
-            rows.append(row)
-    finally:
-        server.stop()
+    for quantize in args.quantize:
+        label = "float32" if quantize == "none" else quantize
+        server = RunningServer(model_dir, args.port, {"TORCH_THREADS": str(threads), "QUANTIZE": quantize})
+        try:
+            for concurrency in args.concurrency:
+                row = measure_server(server, label, concurrency, args.requests_per_client)
+                print(f"  server {label} concurrency {concurrency:>2}: {row.tokens_per_s:7.1f} tokens/s", flush=True)
+                rows.append(row)
+        finally:
+            server.stop()
     print_table(rows, baseline)
     return 0
 
