@@ -197,7 +197,7 @@ def compare(folder: pathlib.Path, windows_wanted: int, batch_size: int, threads:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", type=pathlib.Path, default=ROOT / ".cache" / "quality-int8")
-    parser.add_argument("--train-steps", type=int, default=400, help="training steps of 8 x 128 tokens")
+    parser.add_argument("--train-steps", type=int, default=600, help="training steps of 8 x 128 tokens")
     parser.add_argument("--retrain", action="store_true", help="train again even if a model is cached")
     parser.add_argument("--windows", type=int, default=256, help="held-out windows of 256 tokens to score")
     parser.add_argument("--batch-size", type=int, default=8)
