@@ -28,14 +28,51 @@ RESTART_AFTER_ENGINE_DEATH_SECONDS = 10
 
 
 def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool = True,
-               observer: EngineObserver | None = None) -> Flask:
+               observer: EngineObserver | None = None, engine: Engine | None = None) -> Flask:
     """Build the app and start loading the model in the engine thread; `/health` answers at once.
 
     `observer` replaces the metrics as the engine's observer (the metrics then see no engine events).
+    `engine` is an engine someone else built and started (several apps with different settings over
+    one loaded model, as the API tests do): its batch limits apply, and this app's metrics (or
+    `observer`) become its observer.
     """
     settings = settings or load_settings()
     if not logging.getLogger().handlers:  # not started by `python -m app`, which configures logging
         configure_logging(settings)
+    app_metrics = metrics.Metrics()
+    if engine is None:
+        engine, settings = _build_engine(settings, observer or app_metrics, exit_on_load_failure)
+        engine.start()
+    else:
+        engine.observer = observer or app_metrics
+        settings = settings.model_copy(update={
+            "max_batch_size": engine.max_batch_size, "max_batch_tokens": engine.max_batch_tokens,
+            "max_queue": engine.max_queue, "queue_timeout": engine.queue_timeout})
+    app_metrics.watch(engine)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["settings"] = settings
+    app.extensions["engine"] = engine
+    app.extensions["metrics"] = app_metrics
+    register_error_handlers(app)
+    # Order matters: every request is timed and logged first, then refused while draining, then
+    # checked for an API key.
+    request_log.install(app, app_metrics)
+    draining.install(app, app_metrics)
+    auth.install(app, settings, app_metrics)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(legacy.bp)
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(openapi.bp)
+    return app
+
+
+def _build_engine(settings: Settings, observer: EngineObserver,
+                  exit_on_load_failure: bool) -> tuple[Engine, Settings]:
+    """The engine that will load the model, and the settings with the batch limits that fit."""
     torch.set_num_threads(settings.torch_threads or default_threads())
 
     # The fit check reads only the config, so the engine is built with the batch limits that fit; the
@@ -62,37 +99,16 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
                 os._exit(WORKER_BOOT_ERROR)
             raise
 
-    app_metrics = metrics.Metrics()
     engine = Engine(
         load,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens,
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
-        observer=observer or app_metrics,
+        observer=observer,
         on_death=_restart_worker_later if exit_on_load_failure else None,
     )
-    app_metrics.watch(engine)
-
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False
-    app.extensions["settings"] = settings
-    app.extensions["engine"] = engine
-    app.extensions["metrics"] = app_metrics
-    register_error_handlers(app)
-    # Order matters: every request is timed and logged first, then refused while draining, then
-    # checked for an API key.
-    request_log.install(app, app_metrics)
-    draining.install(app, app_metrics)
-    auth.install(app, settings, app_metrics)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(legacy.bp)
-    app.register_blueprint(openai.bp)
-    app.register_blueprint(metrics.bp)
-    app.register_blueprint(openapi.bp)
-    engine.start()
-    return app
+    return engine, settings
 
 
 def _restart_worker_later() -> None:

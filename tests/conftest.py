@@ -1,8 +1,15 @@
-"""Shared fixtures: tiny real models in a Hugging Face cache, and the real server started with `python -m app`.
+"""Shared fixtures: tiny real models in a Hugging Face cache, the API in process, and the real server.
 
 The tiny models are made offline by `scripts/make_tiny_models.py` and installed into a private
 `HF_HOME` by `scripts/prefetch_model.py --from-folder` under repo ids, so the server loads them by
 id with `HF_HUB_OFFLINE=1` exactly as it loads a prefetched hub model in production.
+
+Two tiers of API tests:
+- in process (`api`, `make_api`): Flask's test client over apps that share one real engine, which
+  `create_app` built and loaded tiny GPT-2 with (from its folder, as MODEL_ID=/a/folder does); fast,
+  no subprocess, for everything that does not need a real socket, gunicorn or a process of its own;
+- a real server (`start_server`, `gpt2_server`): `python -m app` under gunicorn, for client libraries
+  over real HTTP, disconnects, signals, boot refusals and process-wide settings.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from dataclasses import dataclass
 
 import pytest
 import requests
+from flask import Flask
+from flask.testing import FlaskClient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARCHITECTURES = ("gpt2", "gpt-neo", "gptj")
@@ -159,3 +168,47 @@ def start_server(tiny_models, tmp_path_factory):
 def gpt2_server(start_server) -> Server:
     """One shared server with tiny GPT-2 and default settings, for tests that do not change settings."""
     return start_server()
+
+
+# ---- the API in process ---------------------------------------------------------------------------
+
+
+def inprocess_settings(tiny_models: TinyModels, **settings):
+    """Settings for an in-process app on tiny GPT-2, ignoring the repository's `.env`."""
+    from app.settings import load_settings
+
+    defaults = {"model_id": str(tiny_models.folders["gpt2"]), "torch_threads": 1, "device": "cpu"}
+    return load_settings(_env_file=None, **{**defaults, **{k.lower(): v for k, v in settings.items()}})
+
+
+@pytest.fixture(scope="session")
+def inprocess_engine(tiny_models):
+    """One real engine for the whole session, built and loaded by the production factory."""
+    from app.factory import create_app
+
+    app = create_app(inprocess_settings(tiny_models), exit_on_load_failure=False)
+    engine = app.extensions["engine"]
+    assert wait_until(lambda: engine.state != "loading", 120), "the in-process engine did not load"
+    assert engine.ready, f"the in-process engine failed: {engine.failure}"
+    yield engine
+    engine.stop()
+    engine.join(30)
+
+
+@pytest.fixture(scope="session")
+def make_api(tiny_models, inprocess_engine):
+    """Factory: `make_api(API_KEY="k", MAX_NEW_TOKENS=8)` gives a test client of a fresh app with these
+    settings over the shared engine (engine settings such as MAX_QUEUE need a real server)."""
+    from app.factory import create_app
+
+    def make(**settings) -> FlaskClient:
+        app: Flask = create_app(inprocess_settings(tiny_models, **settings), engine=inprocess_engine)
+        return app.test_client()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def api(make_api) -> FlaskClient:
+    """A test client of one app with default settings over the shared engine."""
+    return make_api()
