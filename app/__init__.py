@@ -1,4 +1,8 @@
-"""Text-generation server for Hugging Face causal language models (GPT-2, GPT-Neo, GPT-J, ...)."""
+"""Text-generation server for Hugging Face causal language models (GPT-2, GPT-Neo, GPT-J, ...).
+
+The application factory is `app.factory.create_app`; it is not imported here, so that importing a
+light module (`app.settings`, say) does not load torch and transformers.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,3 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-from app.factory import create_app  # noqa: E402
-
-__all__ = ["create_app"]

@@ -8,10 +8,10 @@ import sys
 
 from gunicorn.app.base import BaseApplication
 
-from app.factory import create_app
 from app.gunicorn_conf import gunicorn_options
 from app.logging_setup import configure_logging
-from app.model_loader import ModelLoadError, check_device_available, check_model_available
+from app.model.errors import ModelLoadError
+from app.model.preflight import check_device_available, check_model_available
 from app.settings import Settings, SettingsError, load_settings
 
 
@@ -25,7 +25,10 @@ class Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        # Runs in the worker after the fork: the model is loaded there, once.
+        # Runs in the worker after the fork: the model is loaded there, once. Imported here so that
+        # the master never imports torch (its memory would stay resident in a process that serves nothing).
+        from app.factory import create_app
+
         return create_app(self.settings)
 
 

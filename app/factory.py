@@ -15,7 +15,9 @@ from app.api.errors import register_error_handlers
 from app.engine import Engine, EngineObserver
 from app.engine.engine import default_threads
 from app.logging_setup import configure_logging
-from app.model_loader import ModelLoadError, load_model, plan_fit
+from app.model.errors import ModelLoadError
+from app.model.fit import plan_fit
+from app.model.loader import load_model
 from app.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)

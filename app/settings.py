@@ -40,10 +40,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: linear layers with int8 weights, the fastest way to serve on a CPU "
-        "(CPU and float32 only; see app/quantization.py)",
+        "(CPU and float32 only; see app/model/int8.py)",
     )
 
-    # Memory: what the model may use, and what happens when it does not fit (see app/model_loader.py).
+    # Memory: what the model may use, and what happens when it does not fit (see app/model/fit.py).
     memory_limit: ByteSize = Field(
         ByteSize(0), description="most memory (RAM on the CPU, GPU memory on a GPU) the model, its key/value cache "
         "and working space may use, e.g. 12GiB; 0 = whatever is free at boot",
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     @field_validator("quantize")
     @classmethod
     def _check_quantize(cls, value: str, info: ValidationInfo) -> str:
-        # What the settings alone rule out; app/quantization.py checks the loaded model (DEVICE=auto on a
+        # What the settings alone rule out; app/model/int8.py checks the loaded model (DEVICE=auto on a
         # GPU machine, the architecture) again at load time.
         if value == "int8":
             if str(info.data.get("device", "")).startswith("cuda"):

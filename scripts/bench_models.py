@@ -3,7 +3,7 @@
 No download: for each model, random weights of exactly its architecture and size (the configs below
 are the published ones) are written as safetensors in the dtype of its hub checkpoint, with the tiny
 tokenizer of scripts/make_tiny_models.py. Then, per dtype, a fresh process loads them through the
-server's own code (`app.model_loader`: fit check, then load) and generates one greedy request of 128
+server's own code (`app.model`: fit check, then load) and generates one greedy request of 128
 new tokens through `app.engine.Engine`, measuring:
 
 - load: seconds from the fit check to a ready engine, and the peak resident memory meanwhile;
@@ -159,7 +159,9 @@ def measure(folder: str, dtype: str, device: str, gpu_memory: str, new_tokens: i
 
     from app.engine import Delta, Engine, GenerationRequest
     from app.engine.engine import default_threads
-    from app.model_loader import ModelLoadError, load_model, plan_fit
+    from app.model.errors import ModelLoadError
+    from app.model.fit import plan_fit
+    from app.model.loader import load_model
     from app.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="    %(levelname)s %(name)s: %(message)s")
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = MODELS[name]
         folder = args.work_dir / name
         sys.path.insert(0, str(ROOT))
-        from app.model_loader import model_shape
+        from app.model.fit import model_shape
 
         size = model_shape(make_config(name, 0)).parameters * {"float32": 4, "float16": 2}[spec["stored"]]
         args.work_dir.mkdir(parents=True, exist_ok=True)

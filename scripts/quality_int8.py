@@ -152,7 +152,7 @@ def compare(folder: pathlib.Path, windows_wanted: int, batch_size: int, threads:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from app.model_loader import load_model
+    from app.model.loader import load_model
     from app.settings import Settings
 
     torch.set_num_threads(threads)

@@ -13,7 +13,11 @@ import pytest
 import requests
 import torch
 
-from app.model_loader import attention_implementation, load_config, load_model, load_weights, plan_fit
+from app.model.device import attention_implementation
+from app.model.files import load_config
+from app.model.fit import plan_fit
+from app.model.loader import load_model
+from app.model.safetensors_stream import load_weights
 from app.settings import Settings
 from tests.conftest import wait_for_exit
 

@@ -20,9 +20,9 @@ import pytest
 import requests
 import torch
 
-from app.model_loader import (
-    MemoryBudget, ModelLoadError, load_config, memory_need, model_shape, plan_for,
-)
+from app.model.errors import ModelLoadError
+from app.model.files import load_config
+from app.model.fit import MemoryBudget, memory_need, model_shape, plan_for
 from app.settings import Settings
 from tests.conftest import wait_for_exit
 
@@ -249,7 +249,7 @@ MEASURE = r"""
 import gc, json, sys
 import torch
 from safetensors import safe_open
-from app.model_loader import load_model
+from app.model.loader import load_model
 from app.settings import Settings
 
 def status(field):

@@ -18,8 +18,9 @@ import requests
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from app.model_loader import load_model
-from app.quantization import Int8Embedding, QuantizationError, quantize
+from app.model.errors import QuantizationError
+from app.model.int8 import Int8Embedding, quantize
+from app.model.loader import load_model
 from app.settings import Settings
 from tests.conftest import ARCHITECTURES, batch_size, wait_for_exit, wait_until
 

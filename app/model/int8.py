@@ -43,7 +43,7 @@ import warnings
 
 import torch
 
-from app.model_loader import ModelLoadError
+from app.model.errors import QuantizationError
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 # The architectures whose layers are known to convert (and are tested): their linear layers are
 # torch.nn.Linear or GPT-2's Conv1D, and nothing reads a linear layer's `.weight` outside its forward.
 INT8_MODEL_TYPES = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "gptj": "GPT-J"}
-
-
-class QuantizationError(ModelLoadError):
-    """QUANTIZE cannot be applied to this model, device or dtype; the message says what would work."""
 
 
 def quantize(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:

@@ -1,0 +1,87 @@
+"""Load the served model and its tokenizer once, offline, on the device and dtype the fit plan chose."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from app.model.device import cuda_index, dtype_name, limit_gpu_memory
+from app.model.errors import ModelLoadError
+from app.model.files import load_config, model_folder, not_found_message
+from app.model.fit import FitPlan, context_length_of, gib, plan_fit
+from app.model.int8 import quantize
+from app.model.safetensors_stream import load_weights
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    revision: str
+    device: torch.device  # where inputs go: the device of the input embeddings
+    dtype: torch.dtype
+    context_length: int
+    load_seconds: float
+    device_map: dict | None = None  # set when OFFLOAD=auto left weights in CPU RAM
+    attn_implementation: str | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+
+def load_model(settings: Settings, plan: FitPlan | None = None) -> LoadedModel:
+    """Load tokenizer and model from local files only; never touches the network."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    folder = model_folder(settings)
+    config = load_config(settings, folder)
+    plan = plan or plan_fit(settings, config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(not_found_message(settings, exc)) from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"model {settings.model_id!r} has no fast tokenizer (tokenizer.json); it is required")
+    if plan.device.type == "cuda" and int(settings.memory_limit):
+        limit_gpu_memory(plan.device, int(settings.memory_limit))
+    try:
+        model = load_weights(folder, config, plan)
+    except OSError as exc:
+        raise ModelLoadError(not_found_message(settings, exc)) from exc
+    model.eval()
+    model = quantize(model, settings)  # QUANTIZE=int8: int8 linear layers; unchanged for QUANTIZE=none
+    device = plan.device
+    if plan.device_map:
+        # The engine puts its inputs on `model.device` (the first parameter's: the input embeddings).
+        if model.device != torch.device("cuda", cuda_index(device)):
+            raise ModelLoadError(f"OFFLOAD=auto left the input embeddings on {model.device}; they must be on the GPU")
+        device = model.device
+    seconds = time.perf_counter() - started
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=settings.model_id,
+        revision=settings.model_revision,
+        device=device,
+        dtype=plan.dtype,
+        context_length=context_length_of(model.config),
+        load_seconds=seconds,
+        device_map=plan.device_map,
+        attn_implementation=model.config._attn_implementation,
+    )
+    log.info(
+        "loaded model %s (revision %s, %s) on %s as %s in %.2f s; context %d tokens; attention %s%s",
+        settings.model_id, settings.model_revision, type(model).__name__, device, loaded.dtype_name, seconds,
+        loaded.context_length, loaded.attn_implementation,
+        f"; {gib(plan.offloaded_bytes)} of weights in CPU RAM (OFFLOAD=auto)" if plan.offloaded_bytes else "",
+    )
+    return loaded
