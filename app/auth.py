@@ -62,10 +62,12 @@ def install(app: Flask, settings: Settings, metrics: Metrics) -> None:
 
     accepted = [key.encode() for key in settings.api_keys]
     if not accepted:
-        if not is_loopback(settings.host):
+        # In a container HOST is 0.0.0.0, but the port may be published on the loopback address only.
+        reachable_on = settings.published_address or settings.host
+        if not is_loopback(reachable_on):
             log.warning(
                 "no API key is set and the server listens on %s: anyone who can reach port %d can use it; "
-                "set API_KEY or API_KEY_FILE", settings.host, settings.port,
+                "set API_KEY or API_KEY_FILE", reachable_on, settings.port,
             )
         return
     log.info("API keys required on every route but /health (%d key(s) accepted)", len(accepted))

