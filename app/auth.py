@@ -25,8 +25,8 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 # Endpoints anyone may call: health checks (orchestrators probe them without credentials) and the
-# docs page with its static files (no data in them; the page asks for a key to load /openapi.json).
-PUBLIC_ENDPOINTS = frozenset({"health.health", "docs.page", "docs.asset"})
+# docs and playground pages with their static files (no data in them; each page asks for the key).
+PUBLIC_ENDPOINTS = frozenset({"health.health", "docs.page", "docs.asset", "playground.page", "playground.asset"})
 
 
 def is_loopback(host: str) -> bool:

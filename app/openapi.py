@@ -18,6 +18,7 @@ from flask import Blueprint, Flask, Response, current_app, send_from_directory
 from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
+from app.api import playground
 from app.api.legacy_schemas import (
     LegacyErrorResponse,
     LegacyGenerateRequest,
@@ -181,6 +182,23 @@ OPERATIONS: tuple[Operation, ...] = (
         },
         public=True,
     ),
+    Operation(
+        "get", "/", "The playground: a page to try the model in a browser", "operations",
+        "Needs no API key itself; when the server has keys the page asks for one and sends it with each request.",
+        responses={200: Body("an HTML page", media={"text/html": {"type": "string"}})},
+        public=True,
+    ),
+    Operation(
+        "get", playground.ASSET_RULE, "Files of the playground page", "operations",
+        "`config.json` holds the defaults and ranges of the page's form and whether an API key is required.",
+        responses={
+            200: Body("the file", media={t: {"type": "string"} for t in (
+                "text/javascript", "application/javascript", "text/css", "image/svg+xml")}
+                | {"application/json": {"type": "object"}}),
+            404: Body("no such file", ErrorResponse),
+        },
+        public=True,
+    ),
 )
 
 
@@ -265,7 +283,7 @@ def build_document(app: Flask) -> dict:
                 "OpenAI-compatible API (`/v1/completions`) and operations routes. Errors are "
                 '`{"error": {"message", "type", "param", "code"}}`; the original API\'s routes add a '
                 "`detail` list. Every response carries `X-Request-ID`."
-                + (" Every route but /health and /docs needs an API key." if auth else "")
+                + (" Every route but /health, /docs, the playground (/) and their files needs an API key." if auth else "")
             ),
         },
         "paths": paths,

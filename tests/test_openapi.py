@@ -22,9 +22,10 @@ from app.api.openai_schemas import CompletionRequest
 
 FUZZ_KEY = "fuzz-key-0123456789"
 EXPECTED_PATHS = {
-    "/generate": {"post"}, "/": {"post"}, "/generate_stream": {"post"},
+    "/generate": {"post"}, "/": {"get", "post"}, "/generate_stream": {"post"},
     "/v1/completions": {"post"}, "/v1/models": {"get"}, "/v1/models/{model_id}": {"get"},
     "/health": {"get"}, "/metrics": {"get"}, "/openapi.json": {"get"}, "/docs": {"get"}, "/docs/{asset}": {"get"},
+    "/playground/{asset}": {"get"},
 }
 # Everything schemathesis can check but whether the server accepts every schema-valid body (it
 # cannot: the prompt must fit the context and the configured limits) or refuses every
@@ -159,7 +160,7 @@ def test_fuzzer_finds_no_5xx_and_no_answer_outside_the_document(start_server, tm
           f"{report['test_cases']['with_failures']} with failures")
     assert run.returncode == 0, output[-6000:]
     # Every operation but GET /openapi.json, which schemathesis leaves out (it is the document itself).
-    assert report["operations"]["tested"] == report["operations"]["total"] == 10
+    assert report["operations"]["tested"] == report["operations"]["total"] == 12
     assert not any(status >= 500 for status in statuses), statuses
     assert sum(statuses.values()) >= 500  # it really ran
 
