@@ -194,7 +194,14 @@ def test_the_page_loads_everything_from_the_server_alone(browser, gpt2_server):
     assert text_of(browser, "model-device") == health["device"]
     assert text_of(browser, "model-dtype") == health["dtype"]
     assert not browser.find_element(By.ID, "api-key").is_displayed()  # this server has no key
-    assert browser.find_element(By.ID, "max_tokens").get_attribute("max") == "1024"  # MAX_NEW_TOKENS
+    # Every field starts at the server's default and carries its limits.
+    fields = requests.get(gpt2_server.url + "/playground/config.json", timeout=30).json()["fields"]
+    for name in ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "n"):
+        field = browser.find_element(By.ID, name)
+        assert float(field.get_attribute("value")) == fields[name]["default"], name
+        if "max" in fields[name]:
+            assert float(field.get_attribute("max")) == fields[name]["max"], name
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == ""  # no default: a random seed
     urls = browser.execute_script(
         "return performance.getEntries().filter(e => e.name.includes('://')).map(e => e.name)")
     assert {"/", "/playground/playground.js", "/playground/playground.css", "/playground/config.json",
