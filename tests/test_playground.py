@@ -25,7 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from app.api.openai_schemas import CompletionRequest
 from app.api.playground import FILES
 from tests import sse
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 
 KEY = "playground-key-0123456789"
 PROMPT = "Once upon a time"
@@ -277,6 +277,23 @@ def test_a_bad_value_shows_the_servers_own_error(browser, gpt2_server):
     assert shown_error(browser) == f"400 BAD REQUEST: {answer.json()['error']['message']}"
     assert "temperature" in shown_error(browser)
     assert generated(browser) == []
+
+
+def test_a_failure_during_the_stream_shows_the_servers_message(browser, start_server):
+    # A decoding step fails once a sequence reaches 60 tokens (tests/faults: an injected out-of-memory).
+    server = start_server(PYTHONPATH=f"{ROOT}:{ROOT / 'tests' / 'faults'}", FAULT_AT_LENGTH=60)
+    open_page(browser, server)
+    fill(browser, max_tokens=200, temperature=0)
+    browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+    browser.find_element(By.ID, "generate").click()
+    error = shown_error(browser)
+    streamed = sse.json_events([subprocess.run(
+        ["bash", "-c", browser.find_element(By.ID, "curl").get_attribute("textContent")],
+        capture_output=True, check=True, timeout=120).stdout])
+    failure = next(event["error"] for event in streamed if "error" in event)
+    assert error == failure["message"]
+    assert generated(browser)[0]  # the text before the failure stays
+    server.stop()
 
 
 def test_stop_cancels_the_generation_on_the_server(browser, keyed_server):
