@@ -1,4 +1,6 @@
-"""The running batch: its rows, and the tensors they share on the device.
+"""The running batch's tensors on the device: inputs, attention mask, key/value cache, and the
+per-row sampling and penalty state. The rows themselves (text, requests) are the engine's; every
+method that changes the rows takes them, in the batch's row order.
 
 Rows are left-padded so that every row's newest token sits in the last column; the attention mask
 hides the padding and each row carries its own position. Rows join by `concatenate` (padding the
@@ -8,41 +10,13 @@ row needs any more), so memory follows the rows that are really there.
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from app.engine.request import RequestHandle, SamplingParams, TokenLogprob
+from app.engine.request import TokenLogprob
 from app.engine.sampling import SamplingTensors, token_logprobs
-from app.engine.text import IncrementalDecoder, StopStringFilter
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One generated sequence (a request with n > 1 has n of them)."""
-
-    handle: RequestHandle
-    index: int
-    decoder: IncrementalDecoder
-    stops: StopStringFilter
-    rng: random.Random
-    generated: list[int] = field(default_factory=list)
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.handle.request.sampling
-
-    @property
-    def prompt_ids(self) -> tuple[int, ...]:
-        return self.handle.request.prompt_ids
-
-    @property
-    def max_total_tokens(self) -> int:
-        return self.handle.request.max_total_tokens
 
 
 class _ReservedLayer(DynamicLayer):
@@ -92,22 +66,23 @@ def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class Batch:
-    def __init__(self, sequences, next_tokens, attention_mask, layers, vocab_size):
-        self.sequences: list[Sequence] = sequences
+    def __init__(self, rows, next_tokens, attention_mask, layers, vocab_size):
+        """`rows`: objects with `params`, `prompt_ids`, `generated` and `steps_left` (read, not kept)."""
+        self.rows = len(rows)
         self.next_tokens: torch.Tensor = next_tokens  # [B] the tokens to feed at the next step
         self.attention_mask: torch.Tensor = attention_mask  # [B, L] over the cached columns
         # Rows are right-aligned, so the cache needs L columns plus the most steps any row has left.
-        steps_left = max(s.handle.request.max_new_tokens - len(s.generated) + 1 for s in sequences)
+        steps_left = max(row.steps_left + 1 for row in rows)
         self.cache: DynamicCache = _reserved_cache(layers, attention_mask.shape[1] + steps_left)
         self.vocab_size = vocab_size
-        self.sampling = SamplingTensors.build([s.params for s in sequences], attention_mask.device)
-        self.prompt_seen: torch.Tensor | None = None  # [B, V] bool, for the repetition penalty
-        self.output_counts: torch.Tensor | None = None  # [B, V] int, for presence/frequency penalties
+        self.sampling = SamplingTensors.build([row.params for row in rows], attention_mask.device, vocab_size)
+        self.seen: torch.Tensor | None = None  # [B, V] bool: prompt and output tokens (repetition penalty)
+        self.output_counts: torch.Tensor | None = None  # [B, V] int: output tokens (presence/frequency)
         if self.sampling.use_repetition or self.sampling.use_presence_frequency:
-            self._build_penalty_state()
+            self._build_penalty_state(rows)
 
     def __len__(self) -> int:
-        return len(self.sequences)
+        return self.rows
 
     @property
     def device(self) -> torch.device:
@@ -117,24 +92,20 @@ class Batch:
     def padded_length(self) -> int:
         return self.attention_mask.shape[1]
 
-    def reserved_tokens(self, extra_rows: int = 0, extra_total: int = 0) -> int:
-        """Worst-case padded size of the batch if `extra_rows` rows of `extra_total` tokens joined."""
-        longest = max([s.max_total_tokens for s in self.sequences] + [extra_total])
-        return (len(self) + extra_rows) * longest
-
     # ---- building -------------------------------------------------------------------------------
 
     @classmethod
     @torch.inference_mode()
-    def prefill(cls, model, sequences: list[Sequence], vocab_size: int, want_prompt_logprobs: list[int | None]):
+    def prefill(cls, model, rows: list, vocab_size: int, want_prompt_logprobs: list[int | None]):
         """Run the prompts of new requests through the model once.
 
-        `sequences` holds each request's rows consecutively; rows of one request share its prefill.
+        `rows` holds each request's rows consecutively (each with its `handle`); rows of one request
+        share its prefill.
         `want_prompt_logprobs[i]` is None, or the number of alternatives for request i's prompt tokens.
         Returns the new batch, the logits for each row's first token, and prompt log-probabilities.
         """
         device = model.device
-        handles = list(dict.fromkeys(s.handle for s in sequences))
+        handles = list(dict.fromkeys(row.handle for row in rows))
         prompts = [h.request.prompt_ids for h in handles]
         width = max(len(p) for p in prompts)
         input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -156,18 +127,19 @@ class Batch:
         ]
         last_logits = out.logits[:, -1, :]
         # Expand to one row per sequence: rows of a request with n > 1 share its prompt's cache.
-        rows = torch.tensor([handles.index(s.handle) for s in sequences], device=device)
-        if len(rows) != len(handles) or not torch.equal(rows, torch.arange(len(handles), device=device)):
-            cache.batch_select_indices(rows)
-            last_logits = last_logits[rows]
-            attention_mask = attention_mask[rows]
+        if len(rows) != len(handles):
+            index = torch.tensor([handles.index(row.handle) for row in rows], device=device)
+            cache.batch_select_indices(index)
+            last_logits = last_logits[index]
+            attention_mask = attention_mask[index]
         empty = torch.empty(0, dtype=torch.long, device=device)
-        batch = cls(sequences, empty, attention_mask, _layers(cache), vocab_size)
+        batch = cls(rows, empty, attention_mask, _layers(cache), vocab_size)
         return batch, last_logits, prompt_logprobs
 
     @classmethod
-    def concatenate(cls, batches: list["Batch"]) -> "Batch | None":
-        """Merge batches, left-padding the shorter ones' caches and masks to the longest."""
+    def concatenate(cls, batches: list["Batch | None"], rows: list) -> "Batch | None":
+        """Merge batches, left-padding the shorter ones' caches and masks to the longest; `rows` are
+        the merged batch's rows."""
         batches = [b for b in batches if b is not None and len(b)]
         if len(batches) <= 1:  # none left when every new row finished on its first token
             return batches[0] if batches else None
@@ -179,7 +151,7 @@ class Batch:
             values = torch.cat([F.pad(v, (0, 0, width - v.shape[-2], 0)) for _, v in per_batch])
             layers.append((keys, values))
         merged = cls(
-            [s for b in batches for s in b.sequences],
+            rows,
             torch.cat([b.next_tokens for b in batches]),
             torch.cat(masks),
             layers,
@@ -187,8 +159,9 @@ class Batch:
         )
         return merged
 
-    def filter(self, keep: list[int]) -> "Batch | None":
-        """Keep only the rows at `keep`; free everything else, padding columns included."""
+    def filter(self, keep: list[int], rows: list) -> "Batch | None":
+        """Keep only the rows at `keep` (`rows` are those kept); free everything else, padding
+        columns included."""
         if not keep:
             return None
         if len(keep) == len(self):
@@ -199,20 +172,18 @@ class Batch:
         first_used = int(mask.any(dim=0).nonzero()[0])
         mask = mask[:, first_used:]
         layers = [(k[index, :, first_used:], v[index, :, first_used:]) for k, v in _layers(self.cache)]
-        kept = Batch(
-            [self.sequences[i] for i in keep], self.next_tokens[index], mask, layers, self.vocab_size,
-        )
+        kept = Batch(rows, self.next_tokens[index], mask, layers, self.vocab_size)
         return kept
 
-    def _build_penalty_state(self) -> None:
-        rows = len(self)
-        self.prompt_seen = torch.zeros((rows, self.vocab_size), dtype=torch.bool, device=self.device)
-        self.output_counts = torch.zeros((rows, self.vocab_size), dtype=torch.int32, device=self.device)
-        for row, seq in enumerate(self.sequences):
-            self.prompt_seen[row, list(seq.prompt_ids)] = True
-            if seq.generated:
-                ids = torch.tensor(seq.generated, device=self.device)
-                self.output_counts[row].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+    def _build_penalty_state(self, rows) -> None:
+        self.seen = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool, device=self.device)
+        self.output_counts = torch.zeros((len(rows), self.vocab_size), dtype=torch.int32, device=self.device)
+        for i, row in enumerate(rows):
+            self.seen[i, list(row.prompt_ids)] = True
+            if row.generated:
+                ids = torch.tensor(row.generated, device=self.device)
+                self.seen[i, ids] = True
+                self.output_counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
     # ---- stepping -------------------------------------------------------------------------------
 
@@ -231,7 +202,9 @@ class Batch:
         """The tokens just chosen become the next step's input and count for the penalties."""
         self.next_tokens = tokens
         if self.output_counts is not None:
-            self.output_counts.scatter_add_(1, tokens.unsqueeze(1), torch.ones_like(tokens, dtype=torch.int32).unsqueeze(1))
+            column = tokens.unsqueeze(1)
+            self.output_counts.scatter_add_(1, column, torch.ones_like(column, dtype=torch.int32))
+            self.seen.scatter_(1, column, True)
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: tuple[int, ...], top: int) -> list[TokenLogprob | None]:

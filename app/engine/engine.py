@@ -1,51 +1,53 @@
 """The engine thread: owns the model and runs the continuous-batching loop.
 
 HTTP threads call `submit` and read their `RequestHandle`; nothing else touches the model.
-Each turn of the loop admits waiting requests that fit (prefilling them together), then decodes
-one token for every row. Finished and cancelled rows leave the batch at once.
+Each turn of the loop (`run_once`) lets the scheduler expire and admit waiting requests (their
+prompts are prefilled together), then decodes one token for every row. Finished and cancelled
+rows leave the batch at once. A failure fails only the requests that took part in it.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
+import math
 import os
-import random
 import threading
 import time
 from typing import Callable
 
 import torch
 
-from app.engine.batch import Batch, Sequence
+from app.engine import profiling
+from app.engine.batch import Batch
 from app.engine.observer import EngineObserver
+from app.engine.profiling import section
 from app.engine.request import (
     Delta,
     EngineUnavailableError,
     Finished,
     GenerationFailedError,
-    GenerationRequest,
-    QueueFullError,
-    QueueTimeoutError,
+    InvalidRequestError,
     RequestHandle,
 )
-from app.engine.sampling import apply_penalties, choose_tokens, token_logprobs
-from app.engine.text import IncrementalDecoder, StopStringFilter
+from app.engine.scheduler import Scheduler
+from app.engine.step import Row, step
 
 log = logging.getLogger(__name__)
+
+# How long the idle engine thread sleeps before it looks again whether it should stop.
+IDLE_WAIT_SECONDS = 0.5
 
 
 class _RequestProgress:
     """Engine-side bookkeeping of one admitted request across its rows."""
 
-    __slots__ = ("open_rows", "completion_tokens", "prompt_logprobs", "first_token_seen", "admitted_at")
+    __slots__ = ("open_rows", "completion_tokens", "prompt_logprobs", "first_token_seen")
 
-    def __init__(self, rows: int, admitted_at: float):
+    def __init__(self, rows: int):
         self.open_rows = rows
         self.completion_tokens = 0
         self.prompt_logprobs = None
         self.first_token_seen = False
-        self.admitted_at = admitted_at
 
 
 class Engine:
@@ -61,21 +63,35 @@ class Engine:
         on_death: Callable[[], None] | None = None,
     ):
         self._load = load
-        self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
-        self.max_queue = max_queue
-        self.queue_timeout = queue_timeout
         self.observer = observer or EngineObserver()
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                                   max_queue=max_queue, queue_timeout=queue_timeout, observer=self.observer)
         self._on_death = on_death  # called once the thread has died, after every request was told
         self.loaded = None  # LoadedModel once ready
         self.state = "loading"  # loading -> ready -> (failed | stopped)
         self.failure: str | None = None
-        self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._progress: dict[RequestHandle, _RequestProgress] = {}
         self._batch: Batch | None = None
-        self._wakeup = threading.Condition()
-        self._stopping = False
+        self._rows: list[Row] = []  # the batch's rows, in its row order
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    # ---- limits (the scheduler's) ---------------------------------------------------------------
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.scheduler.max_batch_size
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.scheduler.max_batch_tokens
+
+    @property
+    def max_queue(self) -> int:
+        return self.scheduler.max_queue
+
+    @property
+    def queue_timeout(self) -> float:
+        return self.scheduler.queue_timeout
 
     # ---- HTTP-thread side -----------------------------------------------------------------------
 
@@ -85,57 +101,55 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and self._thread.is_alive()
+        return self.state == "ready" and (self._thread.is_alive() or self._thread.ident is None)
+
+    @property
+    def unavailable_reason(self) -> str:
+        """Why `submit` would refuse now (meaningful while not `ready`)."""
+        if self.state == "loading":
+            return "the model is still loading; retry shortly"
+        if self.state == "failed" or not self.ready:
+            return f"the generation engine has stopped: {self.failure or 'unknown error'}"
+        return "the server is shutting down"
 
     @property
     def queue_size(self) -> int:
-        return len(self._waiting)
+        return len(self.scheduler)
 
     @property
     def batch_size(self) -> int:
-        batch = self._batch
-        return len(batch) if batch is not None else 0
+        return len(self._rows)
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
+    def submit(self, request) -> RequestHandle:
         """Queue a request, or refuse it at once when the engine cannot take it."""
         if not self.ready:
-            raise EngineUnavailableError(self._unavailable_reason())
+            raise EngineUnavailableError(self.unavailable_reason)
         handle = RequestHandle(request)
-        with self._wakeup:
-            if len(self._waiting) >= self.max_queue:
-                self.observer.refused("queue_full")
-                raise QueueFullError(
-                    f"the server is at capacity: {len(self._waiting)} requests are already waiting "
-                    f"(MAX_QUEUE={self.max_queue}); retry later"
-                )
-            self._waiting.append(handle)
-            self._wakeup.notify()
-        self.observer.queued()
+        self.scheduler.submit(handle)
         return handle
 
     def stop(self) -> None:
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
+        self.scheduler.stop()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
-    def _unavailable_reason(self) -> str:
-        if self.state == "loading":
-            return "the model is still loading; retry shortly"
-        if self.state == "failed" or not self._thread.is_alive():
-            return f"the generation engine has stopped: {self.failure or 'unknown error'}"
-        return "the server is shutting down"
-
     # ---- engine thread --------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model (in the engine thread, or inline for a caller that drives `run_once`)."""
+        self.loaded = self._load()
+        self.state = "ready"
 
     def _run(self) -> None:
         try:
-            self.loaded = self._load()
-            self.state = "ready"
+            self.load()
             with torch.inference_mode():
-                self._loop()
+                while not self.scheduler.stopping:
+                    if self._batch is None and not self.scheduler.wait_for_work(IDLE_WAIT_SECONDS):
+                        continue
+                    self.run_once()
+            self._fail_everything(EngineUnavailableError("the server is shutting down"))
             self.state = "stopped"
         except BaseException as exc:  # the thread must report any death, whatever killed it
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -146,220 +160,156 @@ class Engine:
                 self._on_death()
             raise
 
-    def _loop(self) -> None:
-        while True:
-            with self._wakeup:
-                if self._stopping:
-                    break
-                if self._batch is None and not self._waiting:
-                    self._wakeup.wait(timeout=0.5)
-                    continue
-            self._expire_waiting()
-            self._admit()
-            if self._batch is not None:
-                self._decode_step()
-        self._fail_everything(EngineUnavailableError("the server is shutting down"))
+    def run_once(self) -> None:
+        """One turn: expire and admit waiting requests, then one decoding step for the batch."""
+        self.scheduler.expire()
+        self._admit(self.scheduler.take())
+        if self._batch is not None:
+            self._decode_step()
+        self._report_running()
 
-    def _expire_waiting(self) -> None:
-        now = time.monotonic()
-        with self._wakeup:
-            waiting = list(self._waiting)
-        for handle in waiting:
-            if handle.cancelled:
-                self._drop_waiting(handle)
-                self.observer.cancelled()
-            elif now - handle.submitted_at > self.queue_timeout:
-                self._drop_waiting(handle)
-                self.observer.refused("queue_timeout")
-                handle.events.put(QueueTimeoutError(
-                    f"the request waited {self.queue_timeout:g} s (QUEUE_TIMEOUT) without a place in the batch; "
-                    "retry later"
-                ))
+    def _report_running(self) -> None:
+        self.scheduler.set_running(len(self._rows), max((r.max_total_tokens for r in self._rows), default=0))
 
-    def _drop_waiting(self, handle: RequestHandle) -> None:
-        with self._wakeup:
-            try:
-                self._waiting.remove(handle)
-            except ValueError:
-                pass
-
-    def _take_admissible(self) -> list[RequestHandle]:
-        """First-come first-served: take waiting requests while the batch limits allow."""
-        taken: list[RequestHandle] = []
-        rows = self.batch_size
-        longest = max((s.max_total_tokens for s in self._batch.sequences), default=0) if self._batch else 0
-        with self._wakeup:
-            while self._waiting:
-                request = self._waiting[0].request
-                new_rows = rows + request.n
-                new_longest = max(longest, request.max_total_tokens)
-                fits = new_rows <= self.max_batch_size and new_rows * new_longest <= self.max_batch_tokens
-                if not fits and (rows > 0 or taken):
-                    break
-                # A request that is alone may exceed the token budget only if validation let it through.
-                taken.append(self._waiting.popleft())
-                rows, longest = new_rows, new_longest
-        return taken
-
-    def _admit(self) -> None:
-        handles = self._take_admissible()
+    def _admit(self, handles: list[RequestHandle]) -> None:
         if not handles:
             return
         now = time.monotonic()
-        tokenizer = self.loaded.tokenizer
-        sequences = []
+        accepted = []
         for handle in handles:
-            request = handle.request
-            self._progress[handle] = _RequestProgress(request.n, now)
+            reason = self._refusal(handle.request)
+            if reason is not None:
+                self.observer.finished("failed", handle.request.prompt_tokens, 0, now - handle.submitted_at)
+                handle.events.put(InvalidRequestError(reason))
+                continue
             self.observer.admitted(now - handle.submitted_at)
-            for index in range(request.n):
-                sequences.append(Sequence(
-                    handle=handle,
-                    index=index,
-                    decoder=IncrementalDecoder(tokenizer, request.prompt_ids),
-                    stops=StopStringFilter(request.stop),
-                    rng=_row_rng(request.sampling.seed, index),
-                ))
+            accepted.append(handle)
+        if len(accepted) > 1 and not self._prefill(accepted, report_failure=False):
+            # Something in the group failed: prefill each alone, so that only the culprit fails.
+            for handle in accepted:
+                self._prefill([handle])
+        elif len(accepted) == 1:
+            self._prefill(accepted)
+
+    def _refusal(self, request) -> str | None:
+        """Why this one request cannot be served (its neighbours must not fail with it), or None."""
+        params = request.sampling
+        for name in ("temperature", "top_p", "typical_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            if not math.isfinite(getattr(params, name)):
+                return f"{name} must be a finite number"
+        if params.repetition_penalty <= 0:
+            return "repetition_penalty must be greater than 0"
+        if not request.prompt_ids:
+            return "the prompt has no tokens"
+        vocab = self._vocab_size
+        if any(not 0 <= token < vocab for token in request.prompt_ids):
+            return f"the prompt holds token ids outside the vocabulary (0 to {vocab - 1})"
+        return None
+
+    def _prefill(self, handles: list[RequestHandle], report_failure: bool = True) -> bool:
+        """Prefill `handles` together and let their rows join the batch; False if it failed (the
+        requests are then failed, or left untouched for a retry when not `report_failure`)."""
+        tokenizer = self.loaded.tokenizer
+        rows = []
+        for handle in handles:
+            self._progress[handle] = _RequestProgress(handle.request.n)
+            rows.extend(Row.start(handle, index, tokenizer) for index in range(handle.request.n))
         started = time.perf_counter()
         try:
             group, logits, prompt_logprobs = Batch.prefill(
-                self.loaded.model, sequences, self._vocab_size,
+                self.loaded.model, rows, self._vocab_size,
                 [h.request.logprobs if h.request.prompt_logprobs else None for h in handles],
             )
             for handle, logprobs in zip(handles, prompt_logprobs):
                 self._progress[handle].prompt_logprobs = logprobs
-            group = self._advance(group, logits)
-            prompt_tokens = sum(h.request.prompt_tokens for h in handles)
-            self.observer.prefilled(len(handles), prompt_tokens, time.perf_counter() - started)
+            deltas = step(logits, group, rows, self.loaded.tokenizer.eos_token_id)
+            self.observer.prefilled(len(handles), sum(h.request.prompt_tokens for h in handles),
+                                    time.perf_counter() - started)
         except Exception as exc:  # only the new requests were involved: fail them, keep serving
-            log.exception("prefill failed for %d request(s)", len(handles))
-            self._fail(handles, exc)
-            return
-        self._batch = Batch.concatenate([self._batch, group])
+            if report_failure:
+                log.exception("prefill failed for %d request(s)", len(handles))
+                self._fail(handles, exc)
+            else:
+                for handle in handles:
+                    del self._progress[handle]
+            return False
+        keep = self._deliver(rows, deltas)
+        group = group.filter(keep, [rows[i] for i in keep])
+        self._rows = self._rows + [rows[i] for i in keep]
+        self._batch = Batch.concatenate([self._batch, group], self._rows)
+        return True
 
     def _decode_step(self) -> None:
-        batch = self._batch
+        batch, rows = self._batch, self._rows
         started = time.perf_counter()
-        try:
-            logits = batch.forward(self.loaded.model)
-            self._batch = self._advance(batch, logits)
-            self.observer.decoded(len(batch), time.perf_counter() - started)
-        except Exception as exc:  # every running request took part in the failed step
-            log.exception("decoding step failed for a batch of %d rows", len(batch))
-            self._batch = None
-            self._fail(list(dict.fromkeys(s.handle for s in batch.sequences)), exc)
+        with profiling.step(len(rows)):
+            try:
+                with section("forward"):
+                    logits = batch.forward(self.loaded.model)
+                deltas = step(logits, batch, rows, self.loaded.tokenizer.eos_token_id)
+            except Exception as exc:  # every running request took part in the failed step
+                log.exception("decoding step failed for a batch of %d rows", len(rows))
+                self._batch, self._rows = None, []
+                self._fail(list(dict.fromkeys(row.handle for row in rows)), exc)
+                return
+            with section("bookkeeping"):
+                keep = self._deliver(rows, deltas)
+                self._rows = [rows[i] for i in keep]
+                self._batch = batch.filter(keep, self._rows)
+        self.observer.decoded(len(rows), time.perf_counter() - started)
 
     @property
     def _vocab_size(self) -> int:
         return self.loaded.model.config.get_text_config().vocab_size
 
-    def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch | None:
-        """Choose each row's next token, deliver the text, and keep only the rows still running."""
-        logits = logits.float()
-        sampling = batch.sampling
-        if sampling.use_repetition or sampling.use_presence_frequency:
-            scored = apply_penalties(logits, sampling, batch.prompt_seen, batch.output_counts)
-        else:
-            scored = logits
-        scored = self._forbid_early_eos(batch, scored)
-        uniforms = torch.tensor([s.rng.random() for s in batch.sequences], device=logits.device)
-        tokens = choose_tokens(scored, sampling, uniforms)
-        batch.record(tokens)
-        wanted = [s.handle.request.logprobs for s in batch.sequences]
-        top = max((k for k in wanted if k is not None), default=None)
-        logprobs = token_logprobs(logits, tokens, top) if top is not None else None
-
-        eos = self.loaded.tokenizer.eos_token_id
+    def _deliver(self, rows: list[Row], deltas: list[Delta]) -> list[int]:
+        """Hand each row's delta to its request; return the positions of the rows still running."""
         keep = []
         now = time.monotonic()
-        for row, (seq, token) in enumerate(zip(batch.sequences, tokens.tolist())):
-            progress = self._progress.get(seq.handle)
+        for position, (row, delta) in enumerate(zip(rows, deltas)):
+            progress = self._progress.get(row.handle)
             if progress is None:  # the request already failed or was finished elsewhere
                 continue
-            if seq.handle.cancelled:
-                self._finish_row(seq, progress, Delta(seq.index, "", [], None, "cancelled"))
-                continue
-            if not progress.first_token_seen:
+            if delta.token_ids and not progress.first_token_seen:
                 progress.first_token_seen = True
-                self.observer.first_token(now - seq.handle.submitted_at)
-            seq.generated.append(token)
-            progress.completion_tokens += 1
-            request = seq.handle.request
-            token_lp = None
-            if logprobs is not None and request.logprobs is not None:
-                entry = logprobs[row]
-                token_lp = [type(entry)(entry.token_id, entry.logprob, entry.top[: request.logprobs])]
-            hit_eos = token == eos and not request.ignore_eos
-            text, hit_stop = ("", False) if hit_eos else seq.stops.push(seq.decoder.push(token))
-            finish = None
-            if hit_stop or hit_eos:
-                finish = "stop"
-            elif len(seq.generated) >= request.max_new_tokens:
-                finish = "length"
-            if finish and not hit_stop:
-                text += seq.stops.push(seq.decoder.flush())[0] + seq.stops.flush()
-            delta = Delta(seq.index, text, [token], token_lp, finish)
-            if finish:
-                self._finish_row(seq, progress, delta)
+                self.observer.first_token(now - row.handle.submitted_at)
+            progress.completion_tokens += len(delta.token_ids)
+            if delta.finish_reason:
+                self._finish_row(row, progress, delta)
             else:
-                seq.handle.events.put(delta)
-                keep.append(row)
-        return batch.filter(keep)
+                row.handle.events.put(delta)
+                keep.append(position)
+        return keep
 
-    def _forbid_early_eos(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        eos = self.loaded.tokenizer.eos_token_id
-        if eos is None:
-            return logits
-        rows = [
-            i for i, s in enumerate(batch.sequences)
-            if s.handle.request.ignore_eos or len(s.generated) < s.handle.request.min_new_tokens
-        ]
-        if rows:
-            logits = logits.clone()
-            logits[rows, eos] = float("-inf")
-        return logits
-
-    def _finish_row(self, seq: Sequence, progress: _RequestProgress, delta: Delta) -> None:
-        seq.handle.events.put(delta)
+    def _finish_row(self, row: Row, progress: _RequestProgress, delta: Delta) -> None:
+        handle = row.handle
+        handle.events.put(delta)
         progress.open_rows -= 1
         if progress.open_rows == 0:
-            del self._progress[seq.handle]
-            outcome = "cancelled" if seq.handle.cancelled else "finished"
+            del self._progress[handle]
+            outcome = "cancelled" if handle.cancelled else "finished"
             if outcome == "cancelled":
                 self.observer.cancelled()
-            self.observer.finished(
-                outcome, seq.handle.request.prompt_tokens, progress.completion_tokens,
-                time.monotonic() - seq.handle.submitted_at,
-            )
-            seq.handle.events.put(Finished(
-                seq.handle.request.prompt_tokens, progress.completion_tokens, progress.prompt_logprobs,
-            ))
+            self.observer.finished(outcome, handle.request.prompt_tokens, progress.completion_tokens,
+                                   time.monotonic() - handle.submitted_at)
+            handle.events.put(Finished(handle.request.prompt_tokens, progress.completion_tokens,
+                                       progress.prompt_logprobs))
 
     def _fail(self, handles: list[RequestHandle], exc: Exception) -> None:
         reason = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"
         for handle in handles:
-            if self._progress.pop(handle, None) is not None or handle in self._waiting:
-                self._drop_waiting(handle)
+            if self._progress.pop(handle, None) is not None or self.scheduler.remove(handle):
                 self.observer.finished("failed", handle.request.prompt_tokens, 0, time.monotonic() - handle.submitted_at)
                 handle.events.put(GenerationFailedError(f"generation failed: {reason}"))
         if self.loaded is not None and self.loaded.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _fail_everything(self, error: Exception) -> None:
-        with self._wakeup:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-        for handle in [*waiting, *self._progress]:
+        for handle in [*self.scheduler.drain(), *self._progress]:
             handle.events.put(error)
         self._progress.clear()
-        self._batch = None
-
-
-def _row_rng(seed: int | None, index: int) -> random.Random:
-    """Each row draws from its own generator: a seeded request repeats whatever else is running."""
-    if seed is None:
-        return random.Random(int.from_bytes(os.urandom(8), "little"))
-    return random.Random(f"{seed}:{index}")
+        self._batch, self._rows = None, []
 
 
 def default_threads() -> int:

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from app.concurrency import Mailbox
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -21,6 +23,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # >= 1 = off
     typical_p: float = 1.0  # >= 1 = off
+    min_p: float = 0.0  # keep tokens at least this fraction as likely as the most likely one; 0 = off
     repetition_penalty: float = 1.0  # HF-style, over prompt and output; 1 = off
     presence_penalty: float = 0.0  # OpenAI-style, over output tokens
     frequency_penalty: float = 0.0
@@ -121,17 +124,25 @@ class EngineUnavailableError(EngineError):
     retry_after = 5
 
 
+class InvalidRequestError(EngineError):
+    """A request's parameters cannot be served; only that request is refused."""
+
+    status = 422
+    code = "invalid_request"
+
+
 class GenerationFailedError(EngineError):
     status = 500
     code = "generation_failed"
 
 
 class RequestHandle:
-    """The HTTP thread's side of one submitted request."""
+    """The HTTP side of one submitted request: the engine thread puts events into `events`, the
+    connection's greenlet (or, without gevent, its thread) reads them without holding a thread."""
 
     def __init__(self, request: GenerationRequest):
         self.request = request
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.events = Mailbox()
         self.submitted_at = time.monotonic()
         self.tokens_received = 0  # generated tokens read so far, over all sequences (for the access log)
         self._cancelled = threading.Event()

@@ -15,6 +15,9 @@ import torch
 from app.engine.request import SamplingParams, TokenLogprob
 
 NEG_INF = float("-inf")
+# Below this a sampling request is decoded greedily (vLLM's threshold): dividing logits by a smaller
+# temperature overflows float32, and the distribution is a point mass on the most likely token anyway.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -26,6 +29,7 @@ class SamplingTensors:
     top_k: torch.Tensor  # [B] long, 0 = off
     top_p: torch.Tensor  # [B, 1]
     typical_p: torch.Tensor  # [B, 1]
+    min_p: torch.Tensor  # [B, 1], 0 = off
     repetition: torch.Tensor  # [B, 1]
     presence: torch.Tensor  # [B, 1]
     frequency: torch.Tensor  # [B, 1]
@@ -33,41 +37,51 @@ class SamplingTensors:
     use_top_k: bool
     needs_full_sort: bool  # some sampling row has top-p without top-k: its nucleus may reach past any k
     use_typical: bool
+    use_min_p: bool
     use_repetition: bool
     use_presence_frequency: bool
 
     @classmethod
-    def build(cls, params: list[SamplingParams], device: torch.device) -> "SamplingTensors":
+    def build(cls, params: list[SamplingParams], device: torch.device, vocab_size: int) -> "SamplingTensors":
         def column(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
 
-        sampling = [p for p in params if p.do_sample]
+        # A temperature so small that logits / temperature overflows means "the most likely token".
+        sampling = [p.do_sample and p.temperature >= MIN_TEMPERATURE for p in params]
+        # A top-k of the vocabulary's size or more keeps everything: clamped, it cannot overflow a tensor.
+        top_k = [min(p.top_k, vocab_size) if s else 0 for p, s in zip(params, sampling)]
+        active = [(p, k) for p, k, s in zip(params, top_k, sampling) if s]
         return cls(
-            greedy=torch.tensor([not p.do_sample for p in params], device=device),
-            temperature=column([p.temperature if p.do_sample else 1.0 for p in params]),
-            top_k=torch.tensor([p.top_k if p.do_sample else 0 for p in params], dtype=torch.long, device=device),
-            top_p=column([min(p.top_p, 1.0) if p.do_sample else 1.0 for p in params]),
-            typical_p=column([min(p.typical_p, 1.0) if p.do_sample else 1.0 for p in params]),
+            greedy=torch.tensor([not s for s in sampling], device=device),
+            temperature=column([p.temperature if s else 1.0 for p, s in zip(params, sampling)]),
+            top_k=torch.tensor(top_k, dtype=torch.long, device=device),
+            top_p=column([min(p.top_p, 1.0) if s else 1.0 for p, s in zip(params, sampling)]),
+            typical_p=column([min(p.typical_p, 1.0) if s else 1.0 for p, s in zip(params, sampling)]),
+            min_p=column([p.min_p if s else 0.0 for p, s in zip(params, sampling)]),
             repetition=column([p.repetition_penalty for p in params]),
             presence=column([p.presence_penalty for p in params]),
             frequency=column([p.frequency_penalty for p in params]),
-            all_greedy=not sampling,
-            use_top_k=any(p.top_k > 0 for p in sampling),
-            needs_full_sort=any(p.top_k == 0 and p.top_p < 1.0 for p in sampling),
-            use_typical=any(p.typical_p < 1.0 for p in sampling),
+            all_greedy=not active,
+            use_top_k=any(k > 0 for _, k in active),
+            needs_full_sort=any(k == 0 and p.top_p < 1.0 for p, k in active),
+            use_typical=any(p.typical_p < 1.0 for p, _ in active),
+            use_min_p=any(p.min_p > 0.0 for p, _ in active),
             use_repetition=any(p.repetition_penalty != 1.0 for p in params),
             use_presence_frequency=any(p.presence_penalty or p.frequency_penalty for p in params),
         )
 
 
-def apply_penalties(logits, t: SamplingTensors, prompt_seen, output_counts):
+def apply_penalties(logits, t: SamplingTensors, seen, output_counts):
+    """Logits with the repetition, presence and frequency penalties; `logits` itself when none applies.
+
+    `seen` [B, V] marks the prompt's and the output's tokens, `output_counts` [B, V] counts the output's.
+    """
     if t.use_repetition:
-        seen = prompt_seen | (output_counts > 0)
         penalized = torch.where(logits > 0, logits / t.repetition, logits * t.repetition)
         logits = torch.where(seen, penalized, logits)
     if t.use_presence_frequency:
         counts = output_counts.to(logits.dtype)
-        logits = logits - t.frequency * counts - t.presence * (counts > 0).to(logits.dtype)
+        logits = logits - (t.frequency * counts + t.presence * (counts > 0).to(logits.dtype))
     return logits
 
 
@@ -104,6 +118,23 @@ def _threshold_mask(logits, t: SamplingTensors):
     return (logits < cutoff) & filtered
 
 
+def warp(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Sampling rows' logits divided by their temperature, with every filtered-out token at -inf.
+
+    The order of transformers' generate: temperature, top-k, top-p, min-p, then typical-p.
+    """
+    scaled = logits / t.temperature
+    if t.use_top_k or t.needs_full_sort:
+        scaled = scaled.masked_fill(_threshold_mask(scaled, t), NEG_INF)
+    if t.use_min_p:
+        # p < min_p * p_max  <=>  logit < max logit + log(min_p): no softmax needed.
+        floor = scaled.max(dim=-1, keepdim=True).values + torch.log(t.min_p)
+        scaled = scaled.masked_fill(scaled < floor, NEG_INF)
+    if t.use_typical:
+        scaled = scaled.masked_fill(_typical_mask(scaled, t.typical_p), NEG_INF)
+    return scaled
+
+
 def choose_tokens(logits: torch.Tensor, t: SamplingTensors, uniforms: torch.Tensor) -> torch.Tensor:
     """Next token per row: argmax for greedy rows, a filtered draw for sampling rows.
 
@@ -112,15 +143,10 @@ def choose_tokens(logits: torch.Tensor, t: SamplingTensors, uniforms: torch.Tens
     greedy_tokens = logits.argmax(dim=-1)
     if t.all_greedy:
         return greedy_tokens
-    # The order of transformers' generate: temperature, top-k, top-p, then typical-p.
-    scaled = logits / t.temperature
-    if t.use_top_k or t.needs_full_sort:
-        scaled = scaled.masked_fill(_threshold_mask(scaled, t), NEG_INF)
-    if t.use_typical:
-        scaled = scaled.masked_fill(_typical_mask(scaled, t.typical_p), NEG_INF)
-    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
+    cdf = warp(logits, t).softmax(dim=-1).cumsum(dim=-1)
     targets = (uniforms.unsqueeze(1) * cdf[:, -1:]).to(cdf.dtype)
-    sampled = torch.searchsorted(cdf, targets).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    # side="right": the first token whose cumulative mass exceeds the target (never a filtered one).
+    sampled = torch.searchsorted(cdf, targets, side="right").squeeze(1).clamp(max=logits.shape[-1] - 1)
     return torch.where(t.greedy, greedy_tokens, sampled)
 
 

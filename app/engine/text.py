@@ -53,7 +53,7 @@ class StopStringFilter:
 
     def push(self, delta: str) -> tuple[str, bool]:
         """Add decoded text; return (text safe to release now, whether a stop string was hit)."""
-        if not self._stops:
+        if not self._stops or not delta:  # nothing new to search
             return delta, False
         search_from = max(0, len(self._text) - self._longest + 1)
         self._text += delta

@@ -1,0 +1,93 @@
+"""The batch's tensors: prefill, rows joining and leaving, against each sequence run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engine.batch import Batch
+from app.engine.request import GenerationRequest, RequestHandle, SamplingParams
+from app.engine.step import Row
+from scripts.make_tiny_models import ARCHITECTURES
+
+PROMPTS = ["Hello", "Beautiful is better than ugly. Explicit is better than implicit.", "When Konrad Adenauer"]
+
+
+def rows_for(tokenizer, prompt: str, n: int = 1, new: int = 30) -> list[Row]:
+    request = GenerationRequest(tuple(tokenizer(prompt).input_ids), new, SamplingParams(), n=n)
+    handle = RequestHandle(request)
+    return [Row.start(handle, i, tokenizer) for i in range(n)]
+
+
+def alone_logits(model, row: Row) -> torch.Tensor:
+    """Next-token logits of the row's whole sequence, one forward pass without any cache."""
+    ids = torch.tensor([list(row.prompt_ids) + row.generated])
+    return model(input_ids=ids).logits[0, -1]
+
+
+def advance(batch: Batch, rows: list[Row], logits: torch.Tensor) -> None:
+    """Greedy step without the text side: record each row's argmax."""
+    tokens = logits.argmax(-1)
+    batch.record(tokens)
+    for row, token in zip(rows, tokens.tolist()):
+        row.generated.append(token)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.inference_mode()
+def test_prefill_join_and_leave_match_unbatched_runs(arch, tiny):
+    loaded = tiny[arch]
+    model, tokenizer = loaded.model, loaded.tokenizer
+    vocab = model.config.vocab_size
+
+    def check(batch_logits, rows):
+        for row, got in zip(rows, batch_logits):
+            torch.testing.assert_close(got, alone_logits(model, row), atol=1e-4, rtol=1e-4)
+
+    first = rows_for(tokenizer, PROMPTS[0])
+    batch, logits, _ = Batch.prefill(model, first, vocab, [None])
+    check(logits, first)
+    rows = first
+    advance(batch, rows, logits)
+    for _ in range(3):
+        logits = batch.forward(model)
+        check(logits, rows)
+        advance(batch, rows, logits)
+
+    # A longer prompt with two rows joins the running batch.
+    joining = rows_for(tokenizer, PROMPTS[1], n=2)
+    group, group_logits, _ = Batch.prefill(model, joining, vocab, [None])
+    check(group_logits, joining)
+    advance(group, joining, group_logits)
+    rows = rows + joining
+    batch = Batch.concatenate([batch, group], rows)
+    for _ in range(3):
+        logits = batch.forward(model)
+        check(logits, rows)
+        advance(batch, rows, logits)
+
+    # The first row leaves; the others go on as if it had never been there.
+    keep = [1, 2]
+    rows = [rows[i] for i in keep]
+    batch = batch.filter(keep, rows)
+    assert len(batch) == 2
+    for _ in range(3):
+        logits = batch.forward(model)
+        check(logits, rows)
+        advance(batch, rows, logits)
+
+
+@torch.inference_mode()
+def test_prompt_log_probabilities_match_a_plain_forward(tiny):
+    loaded = tiny["gpt2"]
+    model, tokenizer = loaded.model, loaded.tokenizer
+    rows = rows_for(tokenizer, PROMPTS[0]) + rows_for(tokenizer, PROMPTS[2])
+    _, _, prompt_logprobs = Batch.prefill(model, rows, model.config.vocab_size, [None, 2])
+    assert prompt_logprobs[0] is None
+    ids = list(rows[1].prompt_ids)
+    expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+    assert prompt_logprobs[1][0] is None
+    for position, entry in enumerate(prompt_logprobs[1][1:], start=1):
+        assert entry.token_id == ids[position]
+        assert entry.logprob == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
+        assert len(entry.top) == 2
