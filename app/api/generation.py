@@ -33,7 +33,7 @@ def loaded_model():
     """The loaded model, or a 503 while it loads or after the engine died."""
     eng = engine()
     if not eng.ready:
-        raise ApiError(503, eng._unavailable_reason(), code="model_not_ready", retry_after=5)
+        raise ApiError(503, eng.unavailable_reason, code="model_not_ready", retry_after=5)
     return eng.loaded
 
 
