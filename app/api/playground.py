@@ -25,6 +25,9 @@ bp = Blueprint("playground", __name__)
 FILES = Path(__file__).resolve().parent.parent / "static" / "playground"
 ASSET_RULE = '/playground/<any("playground.js", "playground.css", "icon.svg", "config.json"):asset>'
 
+# Beyond this, JavaScript numbers lose integer precision.
+_JS_SAFE_INTEGER = 2**53 - 1
+
 # The form's fields, in the order the page shows them, as /v1/completions names them.
 FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "n", "stop")
 
@@ -74,6 +77,9 @@ def config() -> dict:
         info = CompletionRequest.model_fields[name]
         field = {"default": info.get_default(call_default_factory=True)}
         for rule in info.metadata:
+            bound = getattr(rule, "ge", getattr(rule, "gt", getattr(rule, "le", 0)))
+            if isinstance(bound, int) and abs(bound) > _JS_SAFE_INTEGER:
+                continue  # a bound that only keeps a value within 64 bits: no limit a person needs to see
             if isinstance(rule, Ge):
                 field["min"] = rule.ge
             elif isinstance(rule, Gt):
