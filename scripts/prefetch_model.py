@@ -14,7 +14,8 @@ Afterwards, with `HF_HUB_OFFLINE=1` and the same cache, both
 
 Files taken: the config, the generation config, the tokenizer files and the weights, as
 `*.safetensors` when the repository (or folder) has them, else as PyTorch `*.bin`; never
-Flax/TF/ONNX weights or sub-folders. The download shows a progress bar.
+Flax/TF/ONNX weights or sub-folders. The download reports its progress as whole lines every few
+seconds (bytes so far, rate, time left), which a build log (BuildKit, CI) shows as they come.
 
 Token for private or gated repositories: the `HF_TOKEN` environment variable, else the file
 `/run/secrets/hf_token` (a BuildKit secret: `docker build --secret id=hf_token,env=HF_TOKEN`),
@@ -106,6 +107,28 @@ def default_cache_dir() -> str:
 # --------------------------------------------------------------------------- from the hub
 
 
+def line_progress_class():
+    """A progress bar that prints a whole line every PROGRESS_SECONDS instead of redrawing one with
+    carriage returns, which build logs do not show until the download is over."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class LineProgress(hub_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["mininterval"] = PROGRESS_SECONDS
+            kwargs["file"] = sys.stdout
+            super().__init__(*args, **kwargs)
+
+        def display(self, msg=None, pos=None):
+            if not self.disable:
+                print(f"prefetch: {self.format_meter(**self.format_dict)}", flush=True)
+            return True
+
+    return LineProgress
+
+
+PROGRESS_SECONDS = 5.0
+
+
 def download(model_id: str, revision: str, cache_dir: str) -> pathlib.Path:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
@@ -129,6 +152,7 @@ def download(model_id: str, revision: str, cache_dir: str) -> pathlib.Path:
             cache_dir=cache_dir,
             allow_patterns=files,
             token=token,
+            tqdm_class=line_progress_class(),
         )
     except PrefetchError as exc:
         raise PrefetchError(f"{where}: {exc}") from None

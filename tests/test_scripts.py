@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -134,3 +136,36 @@ def test_the_default_address_is_port_49151():
     # Nothing is started on the default port (it may be in use); the message says where it tried.
     result = run(PLAIN)
     assert "http://localhost:49151" in result.stderr
+
+
+# ---- scripts/gpu_check.py ------------------------------------------------------------------------
+
+GPU_CHECK = ROOT / "scripts" / "gpu_check.py"
+
+
+def test_gpu_check_without_a_gpu_stops_at_once_and_says_why():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the script would run its checks")
+    result = subprocess.run([sys.executable, str(GPU_CHECK)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "no GPU" in result.stderr and "--device cpu --smoke" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_on_the_cpu():
+    result = subprocess.run([sys.executable, str(GPU_CHECK), "--device", "cpu", "--smoke", "--skip-tests"],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| check")]
+    checks = {(check, model): outcome for check, model, _dtype, outcome in rows}
+    for concurrency in (1, 4):
+        outcome = checks[(f"server c={concurrency}", "tiny gpt2")]
+        assert re.match(rf"\d+ tok/s = \d+\.\d\dx generate@{concurrency}; TTFT \d+ ms; peak RSS \d+ MB$", outcome)
+    for arch in ("gpt2", "gpt-neo", "gptj"):
+        assert checks[("greedy = generate", f"tiny {arch}")] == "equal"
+    assert sum(check.startswith("8 GiB:") for check, _ in checks) == 2
