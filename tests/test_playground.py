@@ -173,13 +173,16 @@ def console_errors(driver) -> list[str]:
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
-def run_curl(command: str) -> tuple[str, str, dict]:
-    """Run the page's "copy as curl" command in a shell: the text, finish reason and usage it streams."""
+def run_curl(command: str) -> tuple[list[str], list[str], dict]:
+    """Run the page's "copy as curl" command in a shell: each completion's text and finish reason, and
+    the usage, as the server streams them."""
     out = subprocess.run(["bash", "-c", command], capture_output=True, check=True, timeout=120).stdout
     chunks = sse.json_events([out])
-    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
-    finish = next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
-    return text, finish, chunks[-1]["usage"]
+    choices = [choice for chunk in chunks for choice in chunk["choices"]]
+    n = 1 + max(choice["index"] for choice in choices)
+    texts = ["".join(c["text"] for c in choices if c["index"] == i) for i in range(n)]
+    finishes = [next(c["finish_reason"] for c in choices if c["index"] == i and c["finish_reason"]) for i in range(n)]
+    return texts, finishes, chunks[-1]["usage"]
 
 
 def cancelled(server) -> float:
@@ -232,9 +235,9 @@ def test_generate_streams_the_text_and_shows_the_figures(browser, gpt2_server, t
     # The same request, sent again with the command the page offers, gives the same text and figures.
     command = browser.find_element(By.ID, "curl").get_attribute("textContent")
     assert command.startswith(f"curl -N '{gpt2_server.url}/v1/completions'")
-    text, curl_finish, usage = run_curl(command)
-    assert generated(browser) == [text] and text
-    assert finish == curl_finish
+    texts, finishes, usage = run_curl(command)
+    assert generated(browser) == texts and texts[0]
+    assert [finish] == finishes
     assert text_of(browser, "stat-prompt") == str(usage["prompt_tokens"])
     assert text_of(browser, "stat-completion") == str(usage["completion_tokens"])
     assert text_of(browser, "stat-total") == str(usage["total_tokens"])
@@ -254,7 +257,7 @@ def test_copy_as_curl_puts_the_command_on_the_clipboard(browser, gpt2_server):
     open_page(browser, gpt2_server)
     browser.execute_cdp_cmd("Browser.grantPermissions", {
         "origin": gpt2_server.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
-    fill(browser, max_tokens=4, seed=7)
+    fill(browser, max_tokens=4, seed=7, n=2)
     browser.find_element(By.ID, "prompt").send_keys("it's a \"quoted\" prompt")
     browser.find_element(By.ID, "generate").click()
     finished(browser)
@@ -262,7 +265,10 @@ def test_copy_as_curl_puts_the_command_on_the_clipboard(browser, gpt2_server):
     WebDriverWait(browser, 10).until(lambda d: text_of(d, "copy-note") == "copied")
     copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0])")
     assert copied == browser.find_element(By.ID, "curl").get_attribute("textContent")
-    assert run_curl(copied)[0] == generated(browser)[0]  # quotes in the prompt survive the shell
+    texts, finishes, _ = run_curl(copied)  # quotes in the prompt survive the shell
+    assert generated(browser) == texts and len(texts) == 2  # one panel per completion
+    shown = browser.execute_script("return [...document.querySelectorAll('#output .finish')].map(e => e.textContent)")
+    assert shown == finishes
 
 
 def test_a_bad_value_shows_the_servers_own_error(browser, gpt2_server):
@@ -338,7 +344,7 @@ def test_with_an_api_key_a_wrong_key_shows_401_and_the_right_one_works(browser, 
     assert not browser.find_element(By.ID, "error").is_displayed()
     command = browser.find_element(By.ID, "curl").get_attribute("textContent")
     assert f"-H 'Authorization: Bearer {KEY}'" in command
-    assert run_curl(command)[0] == generated(browser)[0]
+    assert run_curl(command)[0] == generated(browser)
 
     # The key is kept for this tab's session only (sessionStorage), never in localStorage.
     open_page(browser, keyed_server)
