@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
             "max_queue": engine.max_queue, "queue_timeout": engine.queue_timeout})
     app_metrics.watch(engine)
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # app/static/ is served by the playground, with its headers
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["settings"] = settings

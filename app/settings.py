@@ -34,10 +34,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
 
     # What to serve, and where.
-    model_id: str = DEFAULT_MODEL
-    model_revision: str = "main"
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    model_id: str = Field(DEFAULT_MODEL, description="the model to serve: a Hugging Face repo id (prefetched into the "
+                          "cache; never downloaded at run time) or a folder that `save_pretrained` wrote")
+    model_revision: str = Field("main", description="branch, tag or commit of MODEL_ID in the Hugging Face cache")
+    device: str = Field("auto", description="where the model runs: auto = the first CUDA GPU if there is one, else "
+                        "the CPU", json_schema_extra={"allowed": "auto, cpu, cuda, cuda:N"})
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="precision of the weights and the computation: auto = bfloat16 on GPUs that support it "
+        "(float16 on older ones), float32 on the CPU (bfloat16 when float32 does not fit); float16 is refused on the CPU",
+    )
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: linear layers with int8 weights, the fastest way to serve on a CPU "
         "(CPU and float32 only; see app/model/int8.py)",
@@ -54,20 +59,42 @@ class Settings(BaseSettings):
     fit_check: bool = Field(True, description="refuse to start, or lower the batch limits, when the model would not fit")
 
     # HTTP.
-    host: str = "127.0.0.1"
-    port: int = Field(49151, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 (or ::) for every interface, as in a container")
+    port: int = Field(49151, ge=1, le=65535, description="TCP port to listen on")
     published_address: str | None = Field(
         None, description="the address a container runtime publishes the port on (compose sets it from "
         "BIND_ADDRESS); a loopback one means only this machine can connect, whatever HOST is",
     )
-    http_threads: int = Field(64, ge=2, le=1024, description="concurrent HTTP connections the worker serves")
-    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    max_connections: int = Field(
+        4096, ge=16, le=65536, description="most open HTTP connections; each costs some memory and a file "
+        "descriptor, not a thread, so idle, slow and streaming clients never hold up others; more wait in the backlog",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, le=3600, description="seconds a client has to send a request's line and headers (also how "
+        "long a kept-alive connection may stay idle); then the connection is closed",
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, le=3600, description="seconds a client has to send a request's body; then it gets a 408",
+    )
+    http_threads: int = Field(64, ge=2, le=1024, description="no longer used: connections cost no thread "
+                              "(see MAX_CONNECTIONS); still accepted so that existing configurations start")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body accepted, in bytes; "
+                                "larger ones get a 413")
     graceful_timeout: float = Field(120.0, ge=0, description="seconds running generations get to finish on SIGTERM")
 
     # Per-request limits.
     max_new_tokens: int = Field(1024, ge=1, description="most tokens one sequence may generate")
-    max_num_return_sequences: int = Field(8, ge=1, le=64)
-    max_stop_sequences: int = Field(4, ge=0, le=64)
+    max_num_return_sequences: int = Field(8, ge=1, le=64, description="most sequences one request may ask for "
+                                          "(num_return_sequences, n)")
+    max_stop_sequences: int = Field(4, ge=0, le=64, description="most stop strings one request may give")
+    chat_template: str | None = Field(
+        None, description="Jinja file (transformers' chat template format) that turns /v1/chat/completions "
+        "messages into the prompt; unset = the tokenizer's own template, else a plain User:/Assistant: transcript",
+    )
+    max_stop_length: int = Field(
+        256, ge=1, le=65536, description="most characters in one stop string; every decoding step compares "
+        "each row's new text with its stop strings, so long ones would slow every request in the batch",
+    )
 
     # Engine: batching and backpressure.
     max_batch_size: int = Field(32, ge=1, le=1024, description="most sequences decoded together")
@@ -82,12 +109,17 @@ class Settings(BaseSettings):
     cors_origins: str | None = Field(None, description='"*" or comma-separated origins allowed to call from a browser')
 
     # Logs.
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line "
+                                                "(request id, status, tokens as fields) for log collectors")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="least severe log lines written")
 
     # Legacy keys of the original project's .env; used only where the new keys are unset.
-    srvrest_model: int | None = Field(None, ge=0, le=len(LEGACY_MODELS) - 1)
-    srvrest_cuda_dev: int | None = Field(None, ge=-1)
+    srvrest_model: int | None = Field(None, ge=0, le=len(LEGACY_MODELS) - 1, description="the original project's "
+                                      "model index (0 gpt2, 1 gpt-neo-125M, 2 gpt-neo-1.3B, 3 gpt-neo-2.7B, "
+                                      "4 gpt-j-6B); used only when MODEL_ID is unset")
+    srvrest_cuda_dev: int | None = Field(None, ge=-1, description="the original project's device: -1 = the CPU, "
+                                         "N = cuda:N; used only when DEVICE is unset")
 
     _api_keys: tuple[str, ...] = PrivateAttr(())
 
@@ -152,6 +184,24 @@ class Settings(BaseSettings):
             origin = origin.strip()
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ValueError(f"{origin!r} is not * or an origin like https://example.com or http://localhost:3000")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat_template(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        import jinja2  # here: only a server with a template file pays for the import
+
+        try:
+            with open(value, encoding="utf-8") as file:
+                jinja2.Environment().parse(file.read())
+        except FileNotFoundError:
+            raise ValueError("no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot be read: {exc}") from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"is not a valid Jinja template: {exc.message} (line {exc.lineno})") from None
         return value
 
     @model_validator(mode="after")

@@ -56,6 +56,8 @@ def test_page_and_its_files_need_no_key_while_the_api_does(make_api):
     # Only the page's files are served, nothing else from its folder or beside it.
     assert client.get("/playground/index.html").status_code == 404
     assert client.get("/playground/../auth.py").status_code == 404
+    # Flask's own /static/ route would serve the same files without the page's headers: there is none.
+    assert client.get("/static/playground/playground.js", headers={"X-API-Key": KEY}).status_code == 404
 
 
 @pytest.mark.parametrize("cors", [None, "https://ui.example"])

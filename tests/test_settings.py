@@ -3,6 +3,7 @@ a `.env` file in the working directory, and a model that is not on this machine.
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import torch
 from tests.conftest import Server, server_env
 
 BOOT_TIMEOUT = 120
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def boot(tiny_models, tmp_path, unset=(), dotenv: str | None = None, **settings) -> subprocess.CompletedProcess:
@@ -200,3 +202,31 @@ def test_a_missing_or_empty_folder_is_named(tiny_models, tmp_path):
     empty.mkdir()
     lines = refusal(boot(tiny_models, tmp_path, MODEL_ID=str(empty)))
     assert str(empty) in lines[0] and "save_pretrained" in lines[0], lines
+
+
+# ---- The settings reference --------------------------------------------------------------------------
+
+
+def test_every_setting_has_a_description():
+    from app.settings import Settings
+
+    undocumented = [name.upper() for name, field in Settings.model_fields.items() if not (field.description or "").strip()]
+    assert not undocumented, (
+        f"settings without a description: {', '.join(undocumented)}; give each one "
+        "Field(..., description=...) in app/settings.py, then run `python scripts/settings_doc.py`"
+    )
+
+
+def test_the_settings_reference_is_up_to_date():
+    result = subprocess.run([sys.executable, "scripts/settings_doc.py", "--check"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, (
+        f"{result.stderr.strip()}\ndocs/settings.md no longer matches app/settings.py; regenerate it with "
+        "`python scripts/settings_doc.py` and commit it"
+    )
+    # The reference names every setting the server reads, with its default.
+    from app.settings import Settings
+
+    text = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
+    for name, field in Settings.model_fields.items():
+        assert f"| `{name.upper()}` |" in text, name
