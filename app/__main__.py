@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 
 from gunicorn.app.base import BaseApplication
@@ -32,6 +33,26 @@ class Server(BaseApplication):
         return create_app(self.settings)
 
 
+# Descriptors beyond the connections: the listening socket, the model's files, logs, the heartbeat.
+SPARE_FILES = 256
+
+
+def _allow_open_files(settings: Settings) -> None:
+    """Raise the soft limit on open files (often 1024) so that MAX_CONNECTIONS connections fit; the
+    worker inherits it. Where the hard limit is lower, say what will happen instead of failing later."""
+    wanted = settings.max_connections + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logging.getLogger(__name__).warning(
+            "MAX_CONNECTIONS=%d needs %d open files but this process may open only %d (its hard limit); "
+            "connections beyond about %d wait in the backlog. Raise the limit (docker run --ulimit nofile=%d) "
+            "or lower MAX_CONNECTIONS", settings.max_connections, wanted, target, target - SPARE_FILES, wanted)
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -42,6 +63,7 @@ def main() -> int:
     except (SettingsError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _allow_open_files(settings)
     try:
         Server(settings).run()
         code = 0

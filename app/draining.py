@@ -1,17 +1,16 @@
 """Graceful shutdown: on SIGTERM stop taking requests, let running generations finish, then exit.
 
-How gunicorn's gthread worker stops on SIGTERM: the master closes its copy of the listening
-socket and sends SIGTERM to the worker; the worker leaves its accept loop and waits for its open
-connections (at most GRACEFUL_TIMEOUT), serving a request that arrives on a kept-alive connection
-in the first 2 s with `Connection: close`, then exits; the master exits 0 once the worker is gone
-and kills it at GRACEFUL_TIMEOUT if it is not. What this module adds (`on_sigterm`, called from the
-worker's SIGTERM handler, see app/gunicorn_conf.py):
+How the worker stops on SIGTERM (app/http_worker.py): the master closes its copy of the listening
+socket and sends SIGTERM to the worker; the worker accepts and answers what is already in the
+socket's backlog (so a client that connected just before gets an answer, never a reset), closes the
+socket (from then on the kernel refuses new connections, which clients retry elsewhere), answers a
+request arriving on a kept-alive connection in the next 2 s with `Connection: close`, and waits
+for the requests running (at most GRACEFUL_TIMEOUT); the master exits 0 once the worker is gone.
+What this module adds (`on_sigterm`, called from the worker's SIGTERM handler, see
+app/gunicorn_conf.py):
 
 - The app starts draining: `/health` answers 503 "shutting_down" (load balancers stop sending) and
   every other route but `/metrics` answers 503 JSON, so nothing new starts.
-- Connections already waiting in the listening socket's backlog are accepted and answered (503)
-  before the socket is closed: a client that connected just before SIGTERM gets an answer, never a
-  reset. From then on new connections are refused by the kernel, which clients retry elsewhere.
 - Shortly before the limit the engine stops: generations still running end with a 503 error (an
   error event on a stream) instead of being cut off by SIGKILL mid-response.
 """
@@ -53,8 +52,8 @@ def stop_margin(graceful_timeout: float) -> float:
     return min(2.0, graceful_timeout / 2)
 
 
-def on_sigterm(app: Flask, worker) -> None:
-    """Start draining `app` served by a gunicorn gthread `worker` (called in the signal handler)."""
+def on_sigterm(app: Flask) -> None:
+    """Start draining `app` (called in the worker's SIGTERM handler, before gunicorn's own)."""
     if draining(app):
         return
     app.extensions[DRAINING_KEY] = True
@@ -68,10 +67,6 @@ def on_sigterm(app: Flask, worker) -> None:
                             _stop_engine, (engine,))
     timer.daemon = True
     timer.start()
-    # The worker's own structures belong to its main loop: run this there, not in the signal handler.
-    method_queue = getattr(worker, "method_queue", None)
-    if method_queue is not None:
-        method_queue.defer(_stop_listening, worker)
 
 
 def _stop_engine(engine) -> None:
@@ -80,23 +75,3 @@ def _stop_engine(engine) -> None:
                     engine.batch_size, engine.queue_size)
     engine.stop()
 
-
-def _stop_listening(worker) -> None:
-    """Answer the connections already in the backlog, then close the listening sockets."""
-    for listener in worker.sockets:
-        listener.setblocking(False)
-        while True:
-            before = worker.nr_conns
-            try:
-                worker.accept(listener)  # hands the connection to a thread; EAGAIN when the backlog is empty
-            except OSError:
-                break
-            if worker.nr_conns == before:
-                break
-    if worker._accepting:
-        worker.set_accept_enabled(False)
-    for listener in worker.sockets:
-        try:
-            listener.close()
-        except OSError:
-            pass

@@ -1,8 +1,9 @@
 """Gunicorn options for this server, derived from the settings.
 
-One worker process, because the model is loaded once and owned by that process's engine thread;
-many threads, because each connection (a streaming one for minutes) holds a thread while the
-engine generates for all of them together.
+One worker process, because the model is loaded once and owned by that process's engine thread.
+The worker is gevent's (app/http_worker.py): each connection is a greenlet, so a client that is
+idle, slow or streaming for minutes holds no thread, and MAX_CONNECTIONS bounds only memory and
+file descriptors.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ def gunicorn_options(settings: Settings) -> dict:
     return {
         "bind": f"{host}:{settings.port}",
         "workers": 1,
-        "worker_class": "gthread",
-        "threads": settings.http_threads,
-        # The gthread worker's heartbeat does not depend on request length, so generations lasting
+        "worker_class": "app.http_worker.Worker",
+        # Beyond this many open connections new ones wait in the listen backlog (never in a thread).
+        "worker_connections": settings.max_connections,
+        # The worker's heartbeat comes from its event loop, not from requests, so generations lasting
         # minutes on a slow CPU are safe; this only catches a worker that hangs entirely.
         "timeout": 300,
         # On SIGTERM running generations get this long to finish before the worker is stopped.
         "graceful_timeout": math.ceil(settings.graceful_timeout),
+        # Keep-alive on; how long an idle kept-alive connection stays open is HEADER_TIMEOUT (the worker
+        # bounds the wait for each request's headers with it).
         "keepalive": 5,
         "preload_app": False,
         # The app writes its own access line (request id, tokens); gunicorn's lines go through the
@@ -46,13 +50,13 @@ def gunicorn_options(settings: Settings) -> dict:
 
 def _drain_on_sigterm(worker) -> None:
     """Wrap the worker's SIGTERM handler: the app starts draining (app/draining.py), then gunicorn's
-    own handler stops the accept loop and waits for open connections up to graceful_timeout."""
+    own handler tells the worker to stop listening and wait for its connections (app/http_worker.py)."""
     app = worker.wsgi
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 
     def handle_sigterm(signum, frame):
         try:
-            draining.on_sigterm(app, worker)
+            draining.on_sigterm(app)
         finally:
             gunicorn_handler(signum, frame)
 

@@ -9,6 +9,8 @@ import time
 import pytest
 import requests
 
+from tests import sse
+
 GENERATE = {"text": {"plain": "Hello world"}, "max_new_tokens": 5}
 
 
@@ -16,7 +18,7 @@ def wait_for_line(server, pattern: str, timeout: float = 30) -> str:
     """The first log line matching `pattern` (access lines are written when the response has ended)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in server.log.splitlines():
+        for line in server.log.split("\n"):
             if re.search(pattern, line):
                 return line
         time.sleep(0.05)
@@ -29,7 +31,7 @@ def json_server(start_server):
 
 
 def json_lines(server) -> list[dict]:
-    lines = [line for line in server.log.splitlines() if line.strip()]
+    lines = [line for line in server.log.split("\n") if line.strip()]
     parsed = []
     for line in lines:
         try:
@@ -98,7 +100,7 @@ def test_json_logs_are_one_object_per_line(json_server):
 def test_json_access_line_of_a_stream(json_server):
     with requests.post(json_server.url + "/generate_stream", json=GENERATE, headers={"X-Request-ID": "stream-1"},
                        stream=True, timeout=60) as response:
-        events = [json.loads(line[6:]) for line in response.iter_lines(decode_unicode=True) if line]
+        events = sse.json_events(sse.chunks_of(response))
     usage = events[-1]["usage"]
     entry = access_entry(json_server, "stream-1")
     assert entry["level"] == "INFO"
@@ -118,7 +120,8 @@ def test_json_access_line_of_openai_and_errors(json_server):
 
     requests.get(json_server.url + "/v1/models/someone/else", headers={"X-Request-ID": "miss-1"}, timeout=30)
     entry = access_entry(json_server, "miss-1")
-    assert entry["status"] == 404 and entry["route"] == "/v1/models/<path:model_id>"
+    # The route template, one label for every id, not the path asked for.
+    assert entry["status"] == 404 and entry["route"].startswith("/v1/models/<") and "someone" not in entry["route"]
     assert entry["prompt_tokens"] is None and entry["completion_tokens"] is None
 
 

@@ -8,13 +8,14 @@ connection reset; `/health` says the server is going away; the process exits 0.
 from __future__ import annotations
 
 import http.client
-import json
 import signal
 import threading
 import time
 
 import pytest
 import requests
+
+from tests import sse
 
 # Seconds of work even for the tiny model: 8 sequences of 1000 tokens each.
 LONG = {"text": {"plain": "Hello"}, "max_new_tokens": 1000, "do_sample": True, "num_return_sequences": 8}
@@ -37,11 +38,9 @@ class Client(threading.Thread):
             with requests.post(self.url + self.path, json=self.body, stream=True, timeout=300) as response:
                 self.status = response.status_code
                 if self.stream and response.status_code == 200:
-                    events = []
-                    for line in response.iter_lines(decode_unicode=True):
-                        if line:
-                            events.append(json.loads(line.removeprefix("data: ")))
-                    self.answer = events
+                    # A spec-compliant reader: generated text may hold U+2028 and friends raw, which
+                    # str.splitlines() would take for line ends.
+                    self.answer = sse.json_events(sse.chunks_of(response))
                 else:
                     self.answer = response.json()
         except Exception as exc:  # what the user would see: recorded, then asserted on
