@@ -125,16 +125,20 @@ class Batch:
             None if k is None else _prompt_logprobs(out.logits[i], prompts[i], k)
             for i, k in enumerate(want_prompt_logprobs)
         ]
-        last_logits = out.logits[:, -1, :]
-        # Expand to one row per sequence: rows of a request with n > 1 share its prompt's cache.
+        batch, last_logits = cls._from_prompts(rows, handles, cache, out.logits[:, -1, :], attention_mask, vocab_size)
+        return batch, last_logits, prompt_logprobs
+
+    @classmethod
+    def _from_prompts(cls, rows, handles, cache, last_logits, attention_mask, vocab_size):
+        """The batch of prefilled prompts, one row per sequence: rows of a request with n > 1 share
+        its prompt's cache."""
         if len(rows) != len(handles):
-            index = torch.tensor([handles.index(row.handle) for row in rows], device=device)
+            index = torch.tensor([handles.index(row.handle) for row in rows], device=last_logits.device)
             cache.batch_select_indices(index)
             last_logits = last_logits[index]
             attention_mask = attention_mask[index]
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        batch = cls(rows, empty, attention_mask, _layers(cache), vocab_size)
-        return batch, last_logits, prompt_logprobs
+        empty = torch.empty(0, dtype=torch.long, device=last_logits.device)
+        return cls(rows, empty, attention_mask, _layers(cache), vocab_size), last_logits
 
     @classmethod
     def concatenate(cls, batches: list["Batch | None"], rows: list) -> "Batch | None":
@@ -205,6 +209,42 @@ class Batch:
             column = tokens.unsqueeze(1)
             self.output_counts.scatter_add_(1, column, torch.ones_like(column, dtype=torch.int32))
             self.seen.scatter_(1, column, True)
+
+
+class ChunkedPrefill:
+    """One request's prompt run through the model a chunk at a time, between decoding steps, so that
+    the rows already running keep their pace while a long prompt arrives."""
+
+    def __init__(self, rows: list, want_prompt_logprobs: int | None):
+        self.rows = rows  # the request's rows, which join the batch once the prompt is done
+        self.handle = rows[0].handle
+        self.prompt = self.handle.request.prompt_ids
+        self.done = 0  # prompt tokens already in the cache
+        self._want = want_prompt_logprobs
+        self.prompt_logprobs = [None] if want_prompt_logprobs is not None else None
+        self._cache = DynamicCache()
+
+    @torch.inference_mode()
+    def advance(self, model, chunk: int, vocab_size: int):
+        """Run up to `chunk` more prompt tokens. Once the prompt is complete, return the new batch
+        and the logits of each row's first token (as `Batch.prefill` does); before that, None."""
+        device = model.device
+        end = min(self.done + chunk, len(self.prompt))
+        out = model(
+            input_ids=torch.tensor([self.prompt[self.done:end]], device=device),
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+            position_ids=torch.arange(self.done, end, device=device).unsqueeze(0),
+            cache=self._cache, use_cache=True, logits_to_keep=0 if self._want is not None else 1,
+        )
+        if self._want is not None:  # position i predicts prompt token i + 1
+            targets = self.prompt[self.done + 1:end + 1]
+            predicting = out.logits[0, : len(targets)]
+            self.prompt_logprobs += token_logprobs(predicting, torch.tensor(targets, device=device), self._want)
+        self.done = end
+        if end < len(self.prompt):
+            return None
+        mask = torch.ones((1, len(self.prompt)), dtype=torch.long, device=device)
+        return Batch._from_prompts(self.rows, [self.handle], self._cache, out.logits[:, -1, :], mask, vocab_size)
 
 
 def _prompt_logprobs(logits: torch.Tensor, prompt: tuple[int, ...], top: int) -> list[TokenLogprob | None]:

@@ -8,6 +8,7 @@ rows leave the batch at once. A failure fails only the requests that took part i
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ from typing import Callable
 import torch
 
 from app.engine import profiling
-from app.engine.batch import Batch
+from app.engine.batch import Batch, ChunkedPrefill
 from app.engine.observer import EngineObserver
 from app.engine.profiling import section
 from app.engine.request import (
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 # How long the idle engine thread sleeps before it looks again whether it should stop.
 IDLE_WAIT_SECONDS = 0.5
+# A prompt longer than this that arrives while rows are decoding is prefilled this many tokens per
+# turn, between decoding steps: the running streams wait one short chunk per token, not a whole
+# 900-token prompt. (Alone in the engine, a prompt is prefilled at once: nobody waits on it.)
+PREFILL_CHUNK_TOKENS = 64
 
 
 class _RequestProgress:
@@ -73,6 +78,7 @@ class Engine:
         self._progress: dict[RequestHandle, _RequestProgress] = {}
         self._batch: Batch | None = None
         self._rows: list[Row] = []  # the batch's rows, in its row order
+        self._chunked: collections.deque[ChunkedPrefill] = collections.deque()  # long prompts, oldest first
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # ---- limits (the scheduler's) ---------------------------------------------------------------
@@ -120,6 +126,11 @@ class Engine:
     def batch_size(self) -> int:
         return len(self._rows)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing decodes, prefills or waits."""
+        return not self._rows and not self._chunked and not len(self.scheduler)
+
     def submit(self, request) -> RequestHandle:
         """Queue a request, or refuse it at once when the engine cannot take it."""
         if not self.ready:
@@ -146,7 +157,8 @@ class Engine:
             self.load()
             with torch.inference_mode():
                 while not self.scheduler.stopping:
-                    if self._batch is None and not self.scheduler.wait_for_work(IDLE_WAIT_SECONDS):
+                    busy = self._batch is not None or self._chunked
+                    if not busy and not self.scheduler.wait_for_work(IDLE_WAIT_SECONDS):
                         continue
                     self.run_once()
             self._fail_everything(EngineUnavailableError("the server is shutting down"))
@@ -161,15 +173,18 @@ class Engine:
             raise
 
     def run_once(self) -> None:
-        """One turn: expire and admit waiting requests, then one decoding step for the batch."""
+        """One turn: expire and admit waiting requests, one chunk of a long prompt, then one
+        decoding step for the batch."""
         self.scheduler.expire()
         self._admit(self.scheduler.take())
+        self._advance_chunked()
         if self._batch is not None:
             self._decode_step()
         self._report_running()
 
     def _report_running(self) -> None:
-        self.scheduler.set_running(len(self._rows), max((r.max_total_tokens for r in self._rows), default=0))
+        rows = self._rows + [row for prefill in self._chunked for row in prefill.rows]
+        self.scheduler.set_running(len(rows), max((r.max_total_tokens for r in rows), default=0))
 
     def _admit(self, handles: list[RequestHandle]) -> None:
         if not handles:
@@ -183,6 +198,12 @@ class Engine:
                 handle.events.put(InvalidRequestError(reason))
                 continue
             self.observer.admitted(now - handle.submitted_at)
+            if self._batch is not None and handle.request.prompt_tokens > PREFILL_CHUNK_TOKENS:
+                self._progress[handle] = _RequestProgress(handle.request.n)
+                rows = [Row.start(handle, i, self.loaded.tokenizer) for i in range(handle.request.n)]
+                want = handle.request.logprobs if handle.request.prompt_logprobs else None
+                self._chunked.append(ChunkedPrefill(rows, want))
+                continue
             accepted.append(handle)
         if len(accepted) > 1 and not self._prefill(accepted, report_failure=False):
             # Something in the group failed: prefill each alone, so that only the culprit fails.
@@ -221,11 +242,7 @@ class Engine:
                 self.loaded.model, rows, self._vocab_size,
                 [h.request.logprobs if h.request.prompt_logprobs else None for h in handles],
             )
-            for handle, logprobs in zip(handles, prompt_logprobs):
-                self._progress[handle].prompt_logprobs = logprobs
-            deltas = step(logits, group, rows, self.loaded.tokenizer.eos_token_id)
-            self.observer.prefilled(len(handles), sum(h.request.prompt_tokens for h in handles),
-                                    time.perf_counter() - started)
+            deltas = self._first_tokens(handles, rows, group, logits, prompt_logprobs, started)
         except Exception as exc:  # only the new requests were involved: fail them, keep serving
             if report_failure:
                 log.exception("prefill failed for %d request(s)", len(handles))
@@ -234,11 +251,49 @@ class Engine:
                 for handle in handles:
                     del self._progress[handle]
             return False
+        self._join(rows, group, deltas)
+        return True
+
+    def _advance_chunked(self) -> None:
+        """Run the next chunk of the oldest long prompt; its rows join the batch once it is done."""
+        if not self._chunked:
+            return
+        prefill = self._chunked[0]
+        if prefill.handle.cancelled:  # the client went away: stop spending chunks on it
+            self._chunked.popleft()
+            self._deliver(prefill.rows, [Delta(row.index, "", [], None, "cancelled") for row in prefill.rows])
+            return
+        started = time.perf_counter()
+        try:
+            prefilled = prefill.advance(self.loaded.model, PREFILL_CHUNK_TOKENS, self._vocab_size)
+            if prefilled is None:
+                return
+            self._chunked.popleft()
+            group, logits = prefilled
+            deltas = self._first_tokens([prefill.handle], prefill.rows, group, logits, [prefill.prompt_logprobs],
+                                        started)
+        except Exception as exc:  # only this request was involved
+            log.exception("prefill failed for 1 request")
+            if self._chunked and self._chunked[0] is prefill:
+                self._chunked.popleft()
+            self._fail([prefill.handle], exc)
+            return
+        self._join(prefill.rows, group, deltas)
+
+    def _first_tokens(self, handles, rows, group, logits, prompt_logprobs, started) -> list[Delta]:
+        for handle, logprobs in zip(handles, prompt_logprobs):
+            self._progress[handle].prompt_logprobs = logprobs
+        deltas = step(logits, group, rows, self.loaded.tokenizer.eos_token_id)
+        self.observer.prefilled(len(handles), sum(h.request.prompt_tokens for h in handles),
+                                time.perf_counter() - started)
+        return deltas
+
+    def _join(self, rows: list[Row], group: Batch, deltas: list[Delta]) -> None:
+        """Deliver the new rows' first tokens; those still running join the batch."""
         keep = self._deliver(rows, deltas)
         group = group.filter(keep, [rows[i] for i in keep])
         self._rows = self._rows + [rows[i] for i in keep]
         self._batch = Batch.concatenate([self._batch, group], self._rows)
-        return True
 
     def _decode_step(self) -> None:
         batch, rows = self._batch, self._rows
@@ -310,6 +365,7 @@ class Engine:
             handle.events.put(error)
         self._progress.clear()
         self._batch, self._rows = None, []
+        self._chunked.clear()
 
 
 def default_threads() -> int:

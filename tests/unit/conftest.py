@@ -48,7 +48,7 @@ def inline_engine(loaded, **limits):
 def run_until_idle(engine, turns: int = 10_000) -> None:
     with torch.inference_mode():
         for _ in range(turns):
-            if engine.batch_size == 0 and engine.queue_size == 0:
+            if engine.idle:
                 return
             engine.run_once()
     raise AssertionError("the engine did not finish its work")

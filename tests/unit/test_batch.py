@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.batch import Batch
+from app.engine.batch import Batch, ChunkedPrefill
 from app.engine.request import GenerationRequest, RequestHandle, SamplingParams
 from app.engine.step import Row
 from scripts.make_tiny_models import ARCHITECTURES
@@ -91,3 +91,28 @@ def test_prompt_log_probabilities_match_a_plain_forward(tiny):
         assert entry.token_id == ids[position]
         assert entry.logprob == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
         assert len(entry.top) == 2
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.inference_mode()
+def test_a_prompt_prefilled_in_chunks_equals_one_pass(arch, tiny):
+    loaded = tiny[arch]
+    model, tokenizer = loaded.model, loaded.tokenizer
+    vocab = model.config.vocab_size
+    prompt = " ".join(PROMPTS) * 3
+    whole_rows, chunked_rows = rows_for(tokenizer, prompt, n=2), rows_for(tokenizer, prompt, n=2)
+    batch, logits, (whole_logprobs,) = Batch.prefill(model, whole_rows, vocab, [1])
+    prefill = ChunkedPrefill(chunked_rows, 1)
+    chunks = 0
+    while (done := prefill.advance(model, 16, vocab)) is None:
+        chunks += 1
+    assert chunks >= 2
+    chunked, chunked_logits = done
+    torch.testing.assert_close(chunked_logits, logits, atol=1e-4, rtol=1e-4)
+    assert [e and e.token_id for e in prefill.prompt_logprobs] == [e and e.token_id for e in whole_logprobs]
+    for a, b in zip(prefill.prompt_logprobs[1:], whole_logprobs[1:]):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    # Both go on decoding alike.
+    advance(batch, whole_rows, logits)
+    advance(chunked, chunked_rows, chunked_logits)
+    torch.testing.assert_close(chunked.forward(model), batch.forward(model), atol=1e-4, rtol=1e-4)

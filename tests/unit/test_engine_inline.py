@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 
+from app.engine.engine import PREFILL_CHUNK_TOKENS
 from app.engine.request import (
     Delta,
     GenerationRequest,
@@ -21,6 +22,8 @@ from scripts.make_tiny_models import ARCHITECTURES
 from tests.unit.conftest import inline_engine, run_until_idle
 
 PROMPTS = ["Hello", "Beautiful is better than ugly. Explicit is better than implicit.", "When Konrad", "a"]
+# Longer than the prefill chunk: joining a running batch, it is prefilled over several turns.
+LONG_PROMPT = "Simple is better than complex. Complex is better than complicated. " * 12
 
 
 def request(tokenizer, prompt: str, new: int = 24, **fields) -> GenerationRequest:
@@ -39,8 +42,9 @@ def test_greedy_rows_joining_a_running_batch_equal_generate(arch, tiny):
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = inline_engine(loaded)
     handles = {}
+    assert len(tokenizer(LONG_PROMPT).input_ids) > 2 * PREFILL_CHUNK_TOKENS
     with torch.inference_mode():
-        for prompt in PROMPTS:  # one new request per turn: each joins a batch that is already running
+        for prompt in [*PROMPTS, LONG_PROMPT]:  # one new request per turn: each joins a running batch
             handles[prompt] = engine.submit(request(tokenizer, prompt))
             engine.run_once()
     run_until_idle(engine)
@@ -89,6 +93,26 @@ def test_one_bad_request_is_refused_alone(tiny):
     assert good.result().completion_tokens > 0
     assert huge_k.result().completion_tokens > 0
     assert text_of(tiny_t) == text_of(greedy)  # an overflowing temperature decodes greedily
+
+
+def test_a_long_prompt_is_prefilled_between_decoding_steps(tiny):
+    """While a long prompt is prefilled chunk by chunk, the running row gets a token every turn."""
+    loaded = tiny["gpt2"]
+    tokenizer = loaded.tokenizer
+    engine = inline_engine(loaded)
+    running = engine.submit(request(tokenizer, "Hello", new=100, ignore_eos=True))
+    chunks = -(-len(tokenizer(LONG_PROMPT).input_ids) // PREFILL_CHUNK_TOKENS)
+    with torch.inference_mode():
+        engine.run_once()
+        long = engine.submit(request(tokenizer, LONG_PROMPT, new=5, ignore_eos=True))
+        for _ in range(chunks):
+            before = running.events.qsize()
+            assert long.events.empty()
+            engine.run_once()
+            assert running.events.qsize() == before + 1  # one token per turn, whatever is being prefilled
+    run_until_idle(engine)
+    assert long.result().completion_tokens == 5
+    assert running.result().completion_tokens == 100
 
 
 def test_cancelled_rows_leave_the_batch(tiny):
