@@ -452,6 +452,23 @@ def test_plain_docker_run_answers_health_at_once_and_warns_when_published_everyw
         run(["docker", "rm", "--force", "--volumes", name], check=False)
 
 
+@pytest.mark.slow
+def test_read_only_root_filesystem_serves_the_model_from_the_image(cpu_image):
+    # As Kubernetes runs it (readOnlyRootFilesystem, no volume on /models): the entry point cannot link
+    # the model into the cache, so the server reads it from the image's own copy.
+    port = free_port()
+    name = f"hgpt-test-{uuid.uuid4().hex[:8]}"
+    run(["docker", "run", "--detach", "--name", name, "--read-only", "--tmpfs", "/tmp",
+         "--publish", f"127.0.0.1:{port}:{CONTAINER_PORT}", cpu_image])
+    try:
+        assert wait_healthy(name) == "healthy", run(["docker", "logs", name], check=False).stderr[-4000:]
+        logs = run(["docker", "logs", name])
+        assert "loading the model from the image" in logs.stderr
+        check_generation(f"http://127.0.0.1:{port}", SERVED["gpt2"])
+    finally:
+        run(["docker", "rm", "--force", "--volumes", name], check=False)
+
+
 # ------------------------------------------------------------------------------------------ the CUDA image
 
 
