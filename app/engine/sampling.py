@@ -34,7 +34,9 @@ class SamplingTensors:
     presence: torch.Tensor  # [B, 1]
     frequency: torch.Tensor  # [B, 1]
     all_greedy: bool
+    any_greedy: bool
     use_top_k: bool
+    top_k_suffices: bool  # every sampling row has a top-k and no typical-p: its draw needs only candidates
     needs_full_sort: bool  # some sampling row has top-p without top-k: its nucleus may reach past any k
     use_typical: bool
     use_min_p: bool
@@ -62,6 +64,8 @@ class SamplingTensors:
             presence=column([p.presence_penalty for p in params]),
             frequency=column([p.frequency_penalty for p in params]),
             all_greedy=not active,
+            any_greedy=len(active) < len(params),
+            top_k_suffices=all(k > 0 for _, k in active) and not any(p.typical_p < 1.0 for p, _ in active),
             use_top_k=any(k > 0 for _, k in active),
             needs_full_sort=any(k == 0 and p.top_p < 1.0 for p, k in active),
             use_typical=any(p.typical_p < 1.0 for p, _ in active),
@@ -96,36 +100,39 @@ def _typical_mask(logits, typical_p):
     return shifted > sorted_shifted.gather(-1, last)
 
 
-def _threshold_mask(logits, t: SamplingTensors):
-    """Tokens below each row's top-k / top-p cut-off. Rows with neither filter keep everything."""
-    vocab = logits.shape[-1]
-    if t.needs_full_sort:
-        candidates, _ = torch.sort(logits, dim=-1, descending=True)
-    else:
-        k_max = min(int(t.top_k.max()), vocab)
-        candidates, _ = torch.topk(logits, k_max, dim=-1)
+def _cutoff(candidates: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Each row's top-k / top-p cut-off [B, 1]: the smallest kept value among its candidates (its
+    largest scaled logits, in descending order); -inf for rows with neither filter."""
     width = candidates.shape[-1]
     k = torch.where(t.top_k > 0, t.top_k.clamp(max=width), torch.full_like(t.top_k, width))
-    position = torch.arange(width, device=logits.device).unsqueeze(0)
+    position = torch.arange(width, device=candidates.device).unsqueeze(0)
     candidates = candidates.masked_fill(position >= k.unsqueeze(1), NEG_INF)
     probs = candidates.softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     mass_before = probs.cumsum(dim=-1) - probs
     candidates = candidates.masked_fill((mass_before >= t.top_p) & (position > 0) & (t.top_p < 1.0), NEG_INF)
     last_kept = (candidates > NEG_INF).sum(dim=-1, keepdim=True) - 1
-    cutoff = candidates.gather(-1, last_kept)
     filtered = ((t.top_k > 0) | (t.top_p.squeeze(1) < 1.0)).unsqueeze(1)
-    return (logits < cutoff) & filtered
+    return torch.where(filtered, candidates.gather(-1, last_kept), NEG_INF)
+
+
+def _top_k_width(t: SamplingTensors, vocab: int) -> int:
+    return min(int(t.top_k.max()), vocab)
 
 
 def warp(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Sampling rows' logits divided by their temperature, with every filtered-out token at -inf.
 
-    The order of transformers' generate: temperature, top-k, top-p, min-p, then typical-p.
+    The order of transformers' generate: temperature, top-k, top-p, min-p, then typical-p. A token
+    equal to a row's cut-off is kept, as transformers keeps it.
     """
     scaled = logits / t.temperature
     if t.use_top_k or t.needs_full_sort:
-        scaled = scaled.masked_fill(_threshold_mask(scaled, t), NEG_INF)
+        if t.needs_full_sort:  # a nucleus without top-k may reach past any k
+            candidates, _ = torch.sort(scaled, dim=-1, descending=True)
+        else:
+            candidates, _ = torch.topk(scaled, _top_k_width(t, scaled.shape[-1]), dim=-1)
+        scaled = scaled.masked_fill(scaled < _cutoff(candidates, t), NEG_INF)
     if t.use_min_p:
         # p < min_p * p_max  <=>  logit < max logit + log(min_p): no softmax needed.
         floor = scaled.max(dim=-1, keepdim=True).values + torch.log(t.min_p)
@@ -135,19 +142,57 @@ def warp(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return scaled
 
 
+def _walk(scaled: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the position of the first token whose cumulative weight exceeds u x the total.
+
+    Weights are exp(logit - row max): a filtered token weighs exactly 0, and the running sum adds
+    left to right, so a row walks to the same token whether the walk covers the whole vocabulary
+    or only the candidates (in vocabulary order) that can be kept.
+    """
+    weights = (scaled - scaled.max(dim=-1, keepdim=True).values).exp()
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # Below the total, so the walk always ends on a token of non-zero weight (never a filtered one).
+    targets = torch.minimum((uniforms.unsqueeze(1) * total).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, targets, side="right").squeeze(1)
+
+
+def _draw_among_candidates(logits: torch.Tensor, t: SamplingTensors, uniforms: torch.Tensor):
+    """The draw when every sampling row has a top-k: only the k largest of each row are walked,
+    not the vocabulary. None when a token beyond the candidates ties a row's cut-off (the
+    whole-vocabulary walk keeps such a token, so that walk must decide)."""
+    scaled = logits / t.temperature
+    vocab = scaled.shape[-1]
+    width = _top_k_width(t, vocab)
+    values, ids = torch.topk(scaled, min(width + 1, vocab), dim=-1)
+    cutoff = _cutoff(values[:, :width], t)
+    if width < vocab and bool(((values[:, width:] >= cutoff) & ~t.greedy.unsqueeze(1)).any()):
+        return None
+    values, ids = values[:, :width], ids[:, :width]
+    values = values.masked_fill(values < cutoff, NEG_INF)
+    if t.use_min_p:
+        values = values.masked_fill(values < values[:, :1] + torch.log(t.min_p), NEG_INF)
+    order = ids.argsort(dim=-1)  # the walk goes in vocabulary order
+    ids, values = ids.gather(-1, order), values.gather(-1, order)
+    return ids.gather(-1, _walk(values, uniforms).unsqueeze(1)).squeeze(1)
+
+
 def choose_tokens(logits: torch.Tensor, t: SamplingTensors, uniforms: torch.Tensor) -> torch.Tensor:
     """Next token per row: argmax for greedy rows, a filtered draw for sampling rows.
 
     `logits` [B, V] float32 already carry the penalties; `uniforms` [B] are the rows' draws in [0, 1).
     """
-    greedy_tokens = logits.argmax(dim=-1)
+    greedy_tokens = logits.argmax(dim=-1) if t.any_greedy else None
     if t.all_greedy:
         return greedy_tokens
-    cdf = warp(logits, t).softmax(dim=-1).cumsum(dim=-1)
-    targets = (uniforms.unsqueeze(1) * cdf[:, -1:]).to(cdf.dtype)
-    # side="right": the first token whose cumulative mass exceeds the target (never a filtered one).
-    sampled = torch.searchsorted(cdf, targets, side="right").squeeze(1).clamp(max=logits.shape[-1] - 1)
-    return torch.where(t.greedy, greedy_tokens, sampled)
+    sampled = None
+    # On the CPU the running sum is sequential, so both walks give a row the same token bit for bit;
+    # elsewhere a parallel scan may round differently, and every batch walks the whole vocabulary.
+    if t.top_k_suffices and logits.device.type == "cpu":
+        sampled = _draw_among_candidates(logits, t, uniforms)
+    if sampled is None:
+        sampled = _walk(warp(logits, t), uniforms)
+    return sampled if greedy_tokens is None else torch.where(t.greedy, greedy_tokens, sampled)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 )
 
 from app.engine.request import SamplingParams
-from app.engine.sampling import SamplingTensors, apply_penalties, choose_tokens, warp
+from app.engine.sampling import SamplingTensors, _walk, apply_penalties, choose_tokens, warp
 
 VOCAB = 300
 
@@ -141,3 +141,43 @@ def test_huge_top_k_is_clamped_and_tiny_temperature_is_greedy():
     assert int(tensors.top_k[0]) == VOCAB
     assert tokens[1:].tolist() == scores[1:].argmax(-1).tolist()
     assert 0 <= int(tokens[0]) < VOCAB
+
+
+def test_a_top_k_row_draws_the_same_token_whether_the_batch_walks_candidates_or_the_vocabulary():
+    """Rows with top-k walk only their candidates, unless a neighbour needs the whole vocabulary
+    (top-p without top-k): the token must not depend on which walk the batch took."""
+    vocab = 50257  # a real vocabulary's size: the running sum is long
+    generator = torch.Generator().manual_seed(7)
+    scores = torch.randn((4, vocab), generator=generator) * 4
+    rows = [SamplingParams(do_sample=True, top_k=50, temperature=0.6),
+            SamplingParams(do_sample=True, top_k=40, top_p=0.9, min_p=0.05),
+            SamplingParams(do_sample=True, top_k=3, temperature=1.7),
+            SamplingParams()]  # a greedy neighbour
+    neighbour = SamplingParams(do_sample=True, top_p=0.5)  # forces the whole-vocabulary walk
+    for draw in range(50):
+        uniforms = torch.rand(4, generator=generator)
+        candidates = choose_tokens(scores, SamplingTensors.build(rows, torch.device("cpu"), vocab), uniforms)
+        whole = choose_tokens(torch.cat([scores, scores[:1]]),
+                              SamplingTensors.build(rows + [neighbour], torch.device("cpu"), vocab),
+                              torch.cat([uniforms, uniforms[:1]]))
+        assert candidates.tolist() == whole[:4].tolist(), draw
+        assert int(candidates[3]) == int(scores[3].argmax())
+
+
+def test_a_token_tying_the_cut_off_is_kept_as_transformers_keeps_it():
+    scores = torch.zeros((1, VOCAB))
+    scores[0, :3] = torch.tensor([5.0, 4.0, 3.0])
+    scores[0, 200] = 3.0  # ties the 3rd largest: top-k 3 keeps 4 tokens
+    params = [SamplingParams(do_sample=True, top_k=3)]
+    expected = transformers_warp(scores[0], params[0])
+    assert int(torch.isfinite(expected).sum()) == 4
+    probs = expected.softmax(-1)
+    tensors = SamplingTensors.build(params, torch.device("cpu"), VOCAB)
+    drawn = {int(choose_tokens(scores, tensors, torch.tensor([u]))) for u in torch.linspace(0, 0.999, 200).tolist()}
+    assert drawn == {i for i in range(VOCAB) if probs[i] > 0}
+
+
+def test_the_walk_never_ends_on_a_filtered_token():
+    scaled = torch.tensor([[float("-inf"), 1.0, float("-inf"), 2.0, float("-inf")]])
+    for u in (0.0, 0.5, 0.9999999):
+        assert int(_walk(scaled, torch.tensor([u]))) in (1, 3)
