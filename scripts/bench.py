@@ -3,6 +3,7 @@
     python scripts/bench.py                      # GPT-2-small-sized random model: float32 and int8 servers
     python scripts/bench.py --concurrency 1 16 --requests-per-client 2
     python scripts/bench.py --quantize none      # the float32 server only
+    python scripts/bench.py --profile            # where a decoding step's time goes, batch 1 and 16
 
 What it does:
 1. makes (or reuses, in --model-dir) a GPT-2-small-sized model (124M parameters, vocabulary 50257)
@@ -15,6 +16,12 @@ What it does:
    temperature 0.6;
 4. prints aggregate generated tokens/s, p50/p90 latency, p50 time to first token and the server's
    peak resident memory, each throughput also as a ratio to the float32 baseline.
+
+With --profile it instead drives the engine in this process (float32, same requests) and prints,
+for each batch size, the share of a decoding step spent in the model's forward, penalties,
+sampling, log-probabilities, detokenization, batch bookkeeping and the Python around them, then
+the forward's operators by self time (torch.profiler, in a second pass so its overhead does not
+distort the shares).
 """
 
 from __future__ import annotations
@@ -144,7 +151,7 @@ class RunningServer:
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
                 pass
             time.sleep(0.5)
         raise TimeoutError("server did not become ready")
@@ -231,6 +238,71 @@ def print_table(rows: list[Row], baseline: dict[int, float]) -> None:
               f"{r.peak_rss_mb:.0f} |")
 
 
+# ---- the profile -------------------------------------------------------------------------------
+
+def profile_engine(model_dir: pathlib.Path, batch_sizes: list[int], threads: int, steps: int) -> None:
+    """Print where a decoding step's time goes at each batch size (the engine driven inline)."""
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.engine import Engine, GenerationRequest, SamplingParams, profiling
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    loaded = types.SimpleNamespace(model=model, tokenizer=tokenizer, device=torch.device("cpu"),
+                                   dtype=torch.float32, context_length=model.config.n_positions)
+
+    def run(batch: int, new_tokens: int) -> None:
+        engine = Engine(lambda: loaded, max_batch_size=batch, max_batch_tokens=10**9, max_queue=batch,
+                        queue_timeout=3600)
+        engine.load()
+        for i, text in enumerate(prompts(batch, seed=batch)):
+            params = SamplingParams(**SAMPLING, seed=i)
+            engine.submit(GenerationRequest(tuple(tokenizer(text).input_ids), new_tokens, params))
+        with torch.inference_mode():
+            while engine.batch_size or engine.queue_size:
+                engine.run_once()
+
+    for batch in batch_sizes:
+        run(batch, 4)  # warm-up
+        clock = profiling.StepClock()
+        profiling.install(clock)
+        try:
+            run(batch, steps)
+        finally:
+            profiling.install(None)
+        shares = clock.shares(batch)
+        total = shares["total"]
+        print(f"\nbatch {batch}: {total * 1000:.1f} ms per decoding step ({shares['steps']} steps, "
+              f"{batch / total:.1f} tokens/s)")
+        for phase in (*profiling.PHASES, "python"):
+            print(f"  {phase:<12} {shares[phase] * 1000:8.2f} ms  {100 * shares[phase] / total:5.1f} %")
+
+        clock = profiling.StepClock()
+        profiling.install(clock)
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                run(batch, min(steps, 16))
+        finally:
+            profiling.install(None)
+        by_op: dict[str, float] = {}
+        for event in prof.events():
+            if event.name.startswith("engine."):
+                continue
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("engine."):
+                parent = parent.cpu_parent
+            if parent is not None and parent.name == "engine.forward":
+                by_op[event.name] = by_op.get(event.name, 0.0) + event.self_cpu_time_total
+        forward_total = sum(by_op.values()) or 1.0
+        print("  forward by operator (self time):")
+        for name, micros in sorted(by_op.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"    {name:<40} {100 * micros / forward_total:5.1f} %")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=pathlib.Path, default=ROOT / ".cache" / "bench-gpt2-small")
@@ -240,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = physical cores)")
     parser.add_argument("--quantize", nargs="+", choices=["none", "int8"], default=["none", "int8"],
                         help="server modes to measure, one server each (QUANTIZE); the baseline is always float32")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile decoding steps in process instead of benchmarking the server")
+    parser.add_argument("--profile-batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--profile-steps", type=int, default=48)
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -248,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or default_threads()
     model_dir = make_model(args.model_dir)
     print(f"model: {model_dir} (GPT-2 small, random weights), {threads} torch threads", flush=True)
+    if args.profile:
+        profile_engine(model_dir, args.profile_batch, threads, args.profile_steps)
+        return 0
     baseline = measure_generate(model_dir, [1, 16], threads)
 
     rows = []
