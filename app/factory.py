@@ -10,7 +10,7 @@ import torch
 from flask import Flask
 
 from app import auth, draining, metrics, openapi, request_log
-from app.api import health, legacy, openai, playground
+from app.api import chat, health, legacy, openai, playground
 from app.api.errors import register_error_handlers
 from app.engine import Engine, EngineObserver
 from app.engine.engine import default_threads
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
     app.register_blueprint(health.bp)
     app.register_blueprint(legacy.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(chat.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(playground.bp)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 
 from flask import Blueprint, Flask, Response, current_app, send_from_directory
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from app.api import playground
+from app.api.chat_schemas import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
+from app.api.health import HealthResponse
 from app.api.legacy_schemas import (
-    LegacyErrorResponse,
     LegacyGenerateRequest,
     LegacyGenerateResponse,
     LegacyStreamDelta,
@@ -30,10 +31,10 @@ from app.api.openai_schemas import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamChunk,
-    ErrorResponse,
     ModelCard,
     ModelList,
 )
+from app.api.protocol import ErrorResponse
 
 bp = Blueprint("docs", __name__)
 
@@ -41,27 +42,6 @@ TITLE = "gpt-server"
 
 # The Swagger UI files the docs page loads (only these: the package ships many more).
 _ASSET_RULE = '/docs/<any("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"):asset>'
-
-
-# ---- bodies of routes that validate no input (their shapes are described here) ---------------------
-
-
-class HealthResponse(BaseModel):
-    """`GET /health`: 200 with the model's details when it can serve, 503 with the reason otherwise."""
-
-    status: str = Field(description='"ok" (200); "loading", "failed" or "shutting_down" (503)')
-    model: str | None = Field(None, description="id of the model served (or being loaded)")
-    revision: str | None = None
-    device: str | None = Field(None, description='e.g. "cpu", "cuda:0"')
-    dtype: str | None = Field(None, description='e.g. "float32", "bfloat16"')
-    context_length: int | None = Field(None, description="most tokens (prompt + generated) of one sequence")
-    load_seconds: float | None = Field(None, description="seconds the model took to load")
-    queue_size: int | None = Field(None, description="requests waiting for a place in the batch")
-    batch_size: int | None = Field(None, description="sequences being generated")
-    max_batch_size: int | None = Field(None, description="batch limit in force (MAX_BATCH_SIZE, or lower if memory is short)")
-    max_batch_tokens: int | None = Field(None, description="token budget of the batch in force (MAX_BATCH_TOKENS, or lower)")
-    versions: dict[str, str] | None = Field(None, description="Python and the main packages")
-    error: str | None = Field(None, description="why the engine stopped (status failed)")
 
 
 # ---- the paths table ----------------------------------------------------------------------------------
@@ -95,7 +75,7 @@ def _errors(model: type[BaseModel], **statuses: str) -> dict[int, Body]:
 
 
 _LEGACY_ERRORS = _errors(
-    LegacyErrorResponse,
+    ErrorResponse,
     e400="the body is not a JSON object",
     e413="the body is larger than MAX_BODY_BYTES",
     e422="a field is invalid, or the prompt and length do not fit the model or the server's limits",
@@ -140,6 +120,18 @@ OPERATIONS: tuple[Operation, ...] = (
         CompletionRequest,
         {200: Body("the completion; server-sent events of chunks when `stream` is true", CompletionResponse,
                    events=CompletionStreamChunk),
+         **_OPENAI_ERRORS},
+        generates=True,
+    ),
+    Operation(
+        "post", "/v1/chat/completions", "Create a chat completion (OpenAI-compatible)", "OpenAI-compatible",
+        "OpenAI's chat completions. The messages become one prompt through the model's chat template (or "
+        "CHAT_TEMPLATE, or a plain `User:`/`Assistant:` transcript for base models). Tools, functions and "
+        "response formats other than text are refused. With `stream: true` the answer is server-sent "
+        "events ending with `data: [DONE]`.",
+        ChatCompletionRequest,
+        {200: Body("the chat completion; server-sent events of chunks when `stream` is true",
+                   ChatCompletionResponse, events=ChatCompletionChunk),
          **_OPENAI_ERRORS},
         generates=True,
     ),
@@ -330,7 +322,7 @@ def _body_models(body: Body) -> list[type[BaseModel]]:
 
 
 def _error_model(op: Operation) -> type[BaseModel]:
-    return LegacyErrorResponse if op.tag == "original API" else ErrorResponse
+    return ErrorResponse
 
 
 def _operation_id(op: Operation) -> str:
@@ -374,7 +366,7 @@ def _event_schema(body: Body, ref) -> dict:
         "contentMediaType": "application/json",
         "contentSchema": {"anyOf": [ref(model, "serialization") for model in events]},
     }
-    done = body.model is CompletionResponse  # the OpenAI stream ends with `data: [DONE]`
+    done = body.model in (CompletionResponse, ChatCompletionResponse)  # OpenAI's streams end with `data: [DONE]`
     return {
         "type": "object",
         "description": _SSE_TEXT + " Events: " + ", ".join(model.__name__ for model in events)

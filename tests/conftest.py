@@ -5,9 +5,10 @@ The tiny models are made offline by `scripts/make_tiny_models.py` and installed 
 id with `HF_HUB_OFFLINE=1` exactly as it loads a prefetched hub model in production.
 
 Two tiers of API tests:
-- in process (`api`, `make_api`): Flask's test client over apps that share one real engine, which
-  `create_app` built and loaded tiny GPT-2 with (from its folder, as MODEL_ID=/a/folder does); fast,
-  no subprocess, for everything that does not need a real socket, gunicorn or a process of its own;
+- in process (`api`, `make_api`; `live_api`, `make_live_api` over HTTP; `inprocess_openai`): apps
+  that share one real engine per model, which `create_app` built and loaded (from the model's folder,
+  as MODEL_ID=/a/folder does); fast, no subprocess, for everything that does not need gunicorn, a
+  client's disconnect, a signal or a process of its own;
 - a real server (`start_server`, `gpt2_server`): `python -m app` under gunicorn, for client libraries
   over real HTTP, disconnects, signals, boot refusals and process-wide settings.
 """
@@ -15,12 +16,14 @@ Two tiers of API tests:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -182,30 +185,117 @@ def inprocess_settings(tiny_models: TinyModels, **settings):
 
 
 @pytest.fixture(scope="session")
-def inprocess_engine(tiny_models):
-    """One real engine for the whole session, built and loaded by the production factory."""
+def inprocess_engines(tiny_models):
+    """`inprocess_engines(model_id)`: a real engine, built and loaded by the production factory, one per
+    model id for the whole session (a model folder: the HF cache's location is fixed at import)."""
     from app.factory import create_app
 
-    app = create_app(inprocess_settings(tiny_models), exit_on_load_failure=False)
-    engine = app.extensions["engine"]
-    assert wait_until(lambda: engine.state != "loading", 120), "the in-process engine did not load"
-    assert engine.ready, f"the in-process engine failed: {engine.failure}"
-    yield engine
-    engine.stop()
-    engine.join(30)
+    engines = {}
+
+    def get(model_id: str):
+        if model_id not in engines:
+            app = create_app(inprocess_settings(tiny_models, MODEL_ID=model_id), exit_on_load_failure=False)
+            engine = app.extensions["engine"]
+            assert wait_until(lambda: engine.state != "loading", 120), f"the in-process engine for {model_id} did not load"
+            assert engine.ready, f"the in-process engine for {model_id} failed: {engine.failure}"
+            engines[model_id] = engine
+        return engines[model_id]
+
+    yield get
+    for engine in engines.values():
+        engine.stop()
+        engine.join(30)
 
 
 @pytest.fixture(scope="session")
-def make_api(tiny_models, inprocess_engine):
+def inprocess_engine(tiny_models, inprocess_engines):
+    """The shared engine on tiny GPT-2."""
+    return inprocess_engines(str(tiny_models.folders["gpt2"]))
+
+
+@pytest.fixture(scope="session")
+def make_api(tiny_models, inprocess_engines, app_errors):
     """Factory: `make_api(API_KEY="k", MAX_NEW_TOKENS=8)` gives a test client of a fresh app with these
-    settings over the shared engine (engine settings such as MAX_QUEUE need a real server)."""
+    settings over the shared engine of its MODEL_ID (engine settings such as MAX_QUEUE need a real server)."""
     from app.factory import create_app
 
     def make(**settings) -> FlaskClient:
-        app: Flask = create_app(inprocess_settings(tiny_models, **settings), engine=inprocess_engine)
+        resolved = inprocess_settings(tiny_models, **settings)
+        app: Flask = create_app(resolved, engine=inprocess_engines(resolved.model_id))
         return app.test_client()
 
     return make
+
+
+class LiveApi:
+    """An in-process app served over real HTTP on 127.0.0.1 by werkzeug's threaded server, for tests
+    that speak HTTP (requests, streaming readers) without a server process of their own."""
+
+    def __init__(self, app: Flask):
+        from werkzeug.serving import make_server
+
+        self.app = app
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self._server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._server.serve_forever, name=f"live-api-{self.port}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="session")
+def make_live_api(make_api):
+    """Factory: `make_live_api(MAX_NEW_TOKENS=8)` serves a fresh in-process app over HTTP (see LiveApi)."""
+    started: list[LiveApi] = []
+
+    def make(**settings) -> LiveApi:
+        started.append(LiveApi(make_api(**settings).application))
+        return started[-1]
+
+    yield make
+    for live in started:
+        live.stop()
+
+
+@pytest.fixture(scope="session")
+def live_api(make_live_api) -> LiveApi:
+    """The default in-process app over HTTP."""
+    return make_live_api()
+
+
+class ErrorRecords(logging.Handler):
+    """ERROR (and worse) records the app logged during the session: a bad input must never log one."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def lines(self) -> list[str]:
+        return [self.format(record) for record in self.records]
+
+
+@pytest.fixture(scope="session")
+def app_errors():
+    handler = ErrorRecords()
+    logging.getLogger("app").addHandler(handler)
+    yield handler
+    logging.getLogger("app").removeHandler(handler)
+
+
+def inprocess_openai(flask_client: FlaskClient, api_key: str = "unused", **options):
+    """The official openai client over an in-process app: its HTTP client calls the app's WSGI interface."""
+    import httpx2
+    import openai
+
+    options.setdefault("max_retries", 0)  # an error must reach the test at once, not after a back-off
+    transport = httpx2.WSGITransport(app=flask_client.application)
+    return openai.OpenAI(base_url="http://in-process/v1", api_key=api_key,
+                         http_client=httpx2.Client(transport=transport), **options)
 
 
 @pytest.fixture(scope="session")

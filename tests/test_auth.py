@@ -1,4 +1,7 @@
-"""API keys and CORS through the real server, with requests, curl-style headers and the openai client."""
+"""API keys and CORS over HTTP, with requests, curl-style headers and the openai client.
+
+The app with keys is served in process (`make_live_api`); what needs a process of its own (the
+warning at boot, refusals of bad settings) runs the real server."""
 
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ GENERATE = {"text": {"plain": "Hello"}, "max_new_tokens": 3}
 
 
 @pytest.fixture(scope="module")
-def server(start_server, tmp_path_factory):
+def server(make_live_api, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("keys") / "api-keys.txt"
     key_file.write_text(f"# one key per line\n\n  {FILE_KEY}  \n")
-    return start_server(API_KEY=",".join(KEYS), API_KEY_FILE=key_file, CORS_ORIGINS=ORIGIN)
+    return make_live_api(API_KEY=",".join(KEYS), API_KEY_FILE=str(key_file), CORS_ORIGINS=ORIGIN)
 
 
 def bearer(key: str) -> dict:
@@ -47,8 +50,8 @@ def test_every_route_but_health_needs_a_key(server):
     assert health.status_code == 200 and health.json()["status"] == "ok"
     before = refused_count(server)
     routes = [("post", "/generate"), ("post", "/"), ("post", "/generate_stream"), ("post", "/v1/completions"),
-              ("get", "/v1/models"), ("get", "/v1/models/test-org/tiny-gpt2"), ("get", "/metrics"),
-              ("get", "/openapi.json")]
+              ("post", "/v1/chat/completions"), ("get", "/v1/models"), ("get", "/v1/models/test-org/tiny-gpt2"),
+              ("get", "/metrics"), ("get", "/openapi.json")]
     for method, path in routes:
         response = requests.request(method, server.url + path, json=GENERATE, timeout=30)
         error = assert_refused(response, "missing_api_key")
@@ -86,14 +89,20 @@ def test_any_accepted_key_in_either_header_works(server, headers):
     assert response.json()["sentences"][0]["generated_text"].startswith("Hello")
 
 
-def test_openai_client_sends_its_key(server):
+def test_openai_client_sends_its_key(server, tiny_models):
+    model = str(tiny_models.folders["gpt2"])  # the in-process app serves tiny GPT-2 from its folder
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[1], max_retries=0)
-    completion = client.completions.create(model="test-org/tiny-gpt2", prompt="Hello", max_tokens=3)
+    completion = client.completions.create(model=model, prompt="Hello", max_tokens=3)
     assert completion.usage.completion_tokens == 3
-    assert [m.id for m in client.models.list()] == ["test-org/tiny-gpt2"]
+    assert [m.id for m in client.models.list()] == [model]
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          seed=1)
+    assert chat.choices[0].message.role == "assistant" and 1 <= chat.usage.completion_tokens <= 2
     wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
-        wrong.completions.create(model="test-org/tiny-gpt2", prompt="Hello", max_tokens=3)
+        wrong.completions.create(model=model, prompt="Hello", max_tokens=3)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 
 
 def test_docs_page_is_public_but_the_document_is_not(server):

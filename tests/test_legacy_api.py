@@ -1,8 +1,9 @@
-"""The original API (`POST /generate`, `POST /`, `POST /generate_stream`) through the real server.
+"""The original API (`POST /generate`, `POST /`, `POST /generate_stream`) over HTTP.
 
-Every request goes over HTTP to `python -m app`. Where the answer is deterministic it is compared
-with what transformers' own `generate` makes of the same model files: that is what the original
-server answered, so an old client sees the same text.
+Every request goes over HTTP to the app served in process (`live_api`, on the shared engine that
+loads each tiny model from its folder). Where the answer is deterministic it is compared with what
+transformers' own `generate` makes of the same model files: that is what the original server
+answered, so an old client sees the same text.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 import pytest
 import requests
 import torch
+
+from tests import sse
 
 PROMPT = "When Konrad Adenauer was elected chancellor in"
 SHORT = "Hello world"
@@ -98,107 +101,107 @@ def reference(tiny_models):
 # ---- The response ---------------------------------------------------------------------------------
 
 
-def test_response_has_the_original_shape(gpt2_server, tiny_models):
-    answer = generate(gpt2_server, {"text": {"plain": SHORT}})
-    assert answer["model"] == tiny_models.repo_ids["gpt2"]
+def test_response_has_the_original_shape(live_api, tiny_models):
+    answer = generate(live_api, {"text": {"plain": SHORT}})
+    assert answer["model"] == str(tiny_models.folders["gpt2"])  # the id of a model served from a folder
     assert isinstance(answer["s_elapsed"], str) and re.fullmatch(r"\d+\.\d\d", answer["s_elapsed"])
     assert len(answer["sentences"]) == 1
     assert answer["sentences"][0]["generated_text"].startswith(SHORT)
 
 
-def test_post_to_root_is_the_same_as_generate(gpt2_server):
+def test_post_to_root_is_the_same_as_generate(live_api):
     body = {"text": {"plain": PROMPT}, "max_length": 40}
-    assert texts(generate(gpt2_server, body, "/")) == texts(generate(gpt2_server, body, "/generate"))
+    assert texts(generate(live_api, body, "/")) == texts(generate(live_api, body, "/generate"))
 
 
-def test_old_clients_need_no_content_type(gpt2_server):
+def test_old_clients_need_no_content_type(live_api):
     body = json.dumps({"text": {"plain": SHORT}, "max_length": 10})
     for headers in ({}, {"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}):
-        response = post(gpt2_server, None, data=body, headers=headers)
+        response = post(live_api, None, data=body, headers=headers)
         assert response.status_code == 200, response.text
         assert response.json()["sentences"][0]["generated_text"].startswith(SHORT)
 
 
-def test_unknown_fields_are_ignored(gpt2_server):
-    answer = generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 10, "callback_url": "x", "beams": 4})
+def test_unknown_fields_are_ignored(live_api):
+    answer = generate(live_api, {"text": {"plain": SHORT}, "max_length": 10, "callback_url": "x", "beams": 4})
     assert texts(answer)[0].startswith(SHORT)
 
 
 # ---- Fields and their defaults --------------------------------------------------------------------
 
 
-def test_defaults_are_greedy_with_20_tokens_in_total(gpt2_server, reference):
+def test_defaults_are_greedy_with_20_tokens_in_total(live_api, reference):
     ref = reference()
-    answer = generate(gpt2_server, {"text": {"plain": SHORT}})
+    answer = generate(live_api, {"text": {"plain": SHORT}})
     assert texts(answer) == [ref.greedy(SHORT, max_length=20)]
     assert answer["sentences"][0]["finish_reason"] == "length"
     assert answer["usage"]["completion_tokens"] == 20 - ref.tokens(SHORT)
     explicit = {"text": {"plain": SHORT}, "do_sample": False, "top_p": 100, "top_k": 50, "temperature": 1.0,
                 "max_length": 20, "num_return_sequences": 1}
-    assert texts(generate(gpt2_server, explicit)) == texts(answer)
+    assert texts(generate(live_api, explicit)) == texts(answer)
 
 
 @pytest.mark.parametrize("max_length", [25, 31, 64])
-def test_max_length_counts_the_prompt(gpt2_server, reference, max_length):
+def test_max_length_counts_the_prompt(live_api, reference, max_length):
     ref = reference()
     prompt_tokens = ref.tokens(PROMPT)
     expected, total = ref.generate(PROMPT, max_length=max_length, do_sample=False)
     assert total == max_length  # the model did not stop early: the full length is what is compared
-    answer = generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": max_length})
+    answer = generate(live_api, {"text": {"plain": PROMPT}, "max_length": max_length})
     assert texts(answer) == [expected]
     assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": max_length - prompt_tokens,
                                "total_tokens": max_length}
 
 
-def test_greedy_is_repeatable(gpt2_server):
+def test_greedy_is_repeatable(live_api):
     body = {"text": {"plain": PROMPT}, "max_length": 48}
-    assert texts(generate(gpt2_server, body)) == texts(generate(gpt2_server, body))
+    assert texts(generate(live_api, body)) == texts(generate(live_api, body))
 
 
-def test_do_sample_samples(gpt2_server, reference):
+def test_do_sample_samples(live_api, reference):
     greedy = reference().greedy(SHORT, max_length=24)
-    unseeded = {texts(generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 24, "do_sample": True}))[0]
+    unseeded = {texts(generate(live_api, {"text": {"plain": SHORT}, "max_length": 24, "do_sample": True}))[0]
                 for _ in range(3)}
     assert len(unseeded) > 1
-    assert any(sample(gpt2_server, seed) != greedy for seed in (1, 2, 3))
+    assert any(sample(live_api, seed) != greedy for seed in (1, 2, 3))
 
 
-def test_top_p_of_1_or_more_is_off(gpt2_server):
-    default = sample(gpt2_server, 7)
+def test_top_p_of_1_or_more_is_off(live_api):
+    default = sample(live_api, 7)
     for top_p in (1, 1.0, 1.5, 100):
-        assert sample(gpt2_server, 7, top_p=top_p) == default
+        assert sample(live_api, 7, top_p=top_p) == default
 
 
-def test_top_p_accepts_fractions(gpt2_server, reference):
+def test_top_p_accepts_fractions(live_api, reference):
     greedy = reference().greedy(SHORT, max_length=24)
     # The original read 0.9 as the integer 0 and so decoded greedily; here 0.9 keeps a real nucleus...
-    assert any(sample(gpt2_server, seed, top_p=0.9, top_k=0) != greedy for seed in (1, 2, 3))
+    assert any(sample(live_api, seed, top_p=0.9, top_k=0) != greedy for seed in (1, 2, 3))
     # ...and a tiny nucleus keeps only the most likely token.
-    assert sample(gpt2_server, 1, top_p=1e-9) == greedy
+    assert sample(live_api, 1, top_p=1e-9) == greedy
 
 
-def test_top_k(gpt2_server, reference):
+def test_top_k(live_api, reference):
     greedy = reference().greedy(SHORT, max_length=24)
-    assert sample(gpt2_server, 3, top_k=1) == greedy
-    assert sample(gpt2_server, 3) == sample(gpt2_server, 3, top_k=50)  # 50 is the default
-    assert any(sample(gpt2_server, seed, top_k=0) != sample(gpt2_server, seed) for seed in (1, 2, 3))
+    assert sample(live_api, 3, top_k=1) == greedy
+    assert sample(live_api, 3) == sample(live_api, 3, top_k=50)  # 50 is the default
+    assert any(sample(live_api, seed, top_k=0) != sample(live_api, seed) for seed in (1, 2, 3))
 
 
-def test_temperature(gpt2_server, reference):
+def test_temperature(live_api, reference):
     greedy = reference().greedy(SHORT, max_length=24)
-    assert sample(gpt2_server, 5, temperature=1e-5) == greedy
-    assert sample(gpt2_server, 5) == sample(gpt2_server, 5, temperature=1.0)  # 1.0 is the default
-    assert any(sample(gpt2_server, seed, temperature=5.0) != sample(gpt2_server, seed) for seed in (1, 2, 3))
+    assert sample(live_api, 5, temperature=1e-5) == greedy
+    assert sample(live_api, 5) == sample(live_api, 5, temperature=1.0)  # 1.0 is the default
+    assert any(sample(live_api, seed, temperature=5.0) != sample(live_api, seed) for seed in (1, 2, 3))
 
 
-def test_greedy_ignores_the_sampling_fields(gpt2_server, reference):
+def test_greedy_ignores_the_sampling_fields(live_api, reference):
     body = {"text": {"plain": SHORT}, "max_length": 24, "temperature": 0, "top_k": 3, "top_p": 0.1}
-    assert texts(generate(gpt2_server, body)) == [reference().greedy(SHORT, max_length=24)]
+    assert texts(generate(live_api, body)) == [reference().greedy(SHORT, max_length=24)]
 
 
-def test_num_return_sequences(gpt2_server):
+def test_num_return_sequences(live_api):
     body = {"text": {"plain": PROMPT}, "do_sample": True, "max_length": 40, "num_return_sequences": 3, "seed": 11}
-    answer = generate(gpt2_server, body)
+    answer = generate(live_api, body)
     assert len(answer["sentences"]) == 3
     assert all(text.startswith(PROMPT) for text in texts(answer))
     assert len(set(texts(answer))) > 1
@@ -207,10 +210,10 @@ def test_num_return_sequences(gpt2_server):
     assert usage["completion_tokens"] > 3 * 1  # counted over all three sequences
 
 
-def test_the_original_example_body(gpt2_server):
+def test_the_original_example_body(live_api):
     body = {"text": {"plain": PROMPT}, "do_sample": True, "top_p": 100, "top_k": 50, "temperature": 0.6,
             "max_length": 128, "num_return_sequences": 3}
-    answer = generate(gpt2_server, body)
+    answer = generate(live_api, body)
     assert len(answer["sentences"]) == 3
     assert all(text.startswith(PROMPT) for text in texts(answer))
 
@@ -231,78 +234,78 @@ def b64(text: str) -> str:
     (base64.encodebytes("def add(a, b):\n    \"\"\"Grüße, 世界\"\"\"\n".encode()).decode(),
      "def add(a, b):\n    \"\"\"Grüße, 世界\"\"\"\n"),
 ])
-def test_in_64_is_decoded_leniently(gpt2_server, in_64, prompt):
-    answer = generate(gpt2_server, {"text": {"in_64": in_64}, "max_new_tokens": 8})
+def test_in_64_is_decoded_leniently(live_api, in_64, prompt):
+    answer = generate(live_api, {"text": {"in_64": in_64}, "max_new_tokens": 8})
     assert texts(answer)[0].startswith(prompt)
-    plain = generate(gpt2_server, {"text": {"plain": prompt}, "max_new_tokens": 8})
+    plain = generate(live_api, {"text": {"plain": prompt}, "max_new_tokens": 8})
     assert texts(answer) == texts(plain)
 
 
-def test_in_64_raw_line_breaks_inside_the_json_string(gpt2_server):
+def test_in_64_raw_line_breaks_inside_the_json_string(live_api):
     # Old shell scripts paste `base64` output, line breaks and all, into the JSON string.
     body = '{"text": {"in_64": "SGVsbG8g\nd29ybGQh\nCg=="}, "max_length": 12}'
-    response = post(gpt2_server, None, data=body)
+    response = post(live_api, None, data=body)
     assert response.status_code == 200, response.text
     assert response.json()["sentences"][0]["generated_text"].startswith("Hello world!\n")
 
 
-def test_plain_wins_over_in_64(gpt2_server):
-    plain_only = generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 16})
-    both = generate(gpt2_server, {"text": {"plain": SHORT, "in_64": b64("Goodbye moon")}, "max_length": 16})
+def test_plain_wins_over_in_64(live_api):
+    plain_only = generate(live_api, {"text": {"plain": SHORT}, "max_length": 16})
+    both = generate(live_api, {"text": {"plain": SHORT, "in_64": b64("Goodbye moon")}, "max_length": 16})
     assert texts(both) == texts(plain_only)
-    broken_in_64 = generate(gpt2_server, {"text": {"plain": SHORT, "in_64": "%%% not base64"}, "max_length": 16})
+    broken_in_64 = generate(live_api, {"text": {"plain": SHORT, "in_64": "%%% not base64"}, "max_length": 16})
     assert texts(broken_in_64) == texts(plain_only)
 
 
 # ---- Additions the engine offers on /generate -------------------------------------------------------
 
 
-def test_seed_makes_sampling_repeatable(gpt2_server):
+def test_seed_makes_sampling_repeatable(live_api):
     body = {"text": {"plain": PROMPT}, "do_sample": True, "max_length": 48, "seed": 1234, "num_return_sequences": 2}
-    first = texts(generate(gpt2_server, body))
-    assert texts(generate(gpt2_server, body)) == first
-    others = [texts(generate(gpt2_server, {**body, "seed": seed})) for seed in (1, 2)]
+    first = texts(generate(live_api, body))
+    assert texts(generate(live_api, body)) == first
+    others = [texts(generate(live_api, {**body, "seed": seed})) for seed in (1, 2)]
     assert any(other != first for other in others)
 
 
-def test_stop_strings_end_the_text_and_are_not_returned(gpt2_server):
+def test_stop_strings_end_the_text_and_are_not_returned(live_api):
     body = {"text": {"plain": PROMPT}, "max_length": 64, "do_sample": True, "seed": 5}
-    continuation = texts(generate(gpt2_server, body))[0][len(PROMPT):]
+    continuation = texts(generate(live_api, body))[0][len(PROMPT):]
     # A stop string that first appears well inside what this seed writes anyway.
     stop = next(piece for i in range(8, len(continuation) - 3)
                 if (piece := continuation[i:i + 3]).isascii() and piece.isalnum() and continuation.index(piece) == i)
     cut = continuation[:continuation.index(stop)]
     for value in (stop, [stop], ["never written \x00", stop]):
-        answer = generate(gpt2_server, {**body, "stop": value})
+        answer = generate(live_api, {**body, "stop": value})
         assert texts(answer) == [PROMPT + cut]
         assert answer["sentences"][0]["finish_reason"] == "stop"
 
 
-def test_max_new_tokens_overrides_max_length(gpt2_server, reference):
+def test_max_new_tokens_overrides_max_length(live_api, reference):
     ref = reference()
-    answer = generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": 5, "max_new_tokens": 12})
+    answer = generate(live_api, {"text": {"plain": PROMPT}, "max_length": 5, "max_new_tokens": 12})
     assert answer["usage"]["completion_tokens"] == 12
     assert texts(answer) == [ref.greedy(PROMPT, max_length=ref.tokens(PROMPT) + 12)]
 
 
 @pytest.mark.parametrize("penalty", [1.5, 0.7])
-def test_repetition_penalty_as_transformers_applies_it(gpt2_server, reference, penalty):
+def test_repetition_penalty_as_transformers_applies_it(live_api, reference, penalty):
     ref = reference()
-    answer = generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 40, "repetition_penalty": penalty})
+    answer = generate(live_api, {"text": {"plain": SHORT}, "max_length": 40, "repetition_penalty": penalty})
     assert texts(answer) == [ref.greedy(SHORT, max_length=40, repetition_penalty=penalty)]
     assert texts(answer) != [ref.greedy(SHORT, max_length=40)]
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
-def test_typical_p(gpt2_server, reference, top_k):
+def test_typical_p(live_api, reference, top_k):
     # A tiny typical mass keeps one token per step, so sampling is deterministic and comparable;
     # with top_k the typical token is chosen among the top k, in transformers' order of filters.
     expected, _ = reference().generate(SHORT, max_new_tokens=20, do_sample=True, typical_p=1e-6, top_k=top_k)
     for seed in (1, 2):
         body = {"text": {"plain": SHORT}, "max_new_tokens": 20, "do_sample": True, "typical_p": 1e-6,
                 "top_k": top_k, "seed": seed}
-        assert texts(generate(gpt2_server, body)) == [expected]
-    assert sample(gpt2_server, 4, typical_p=0.9) == sample(gpt2_server, 4, typical_p=0.9)
+        assert texts(generate(live_api, body)) == [expected]
+    assert sample(live_api, 4, typical_p=0.9) == sample(live_api, 4, typical_p=0.9)
 
 
 # ---- /generate_stream --------------------------------------------------------------------------------
@@ -312,33 +315,32 @@ def stream_events(server, body: dict) -> list[dict]:
     with requests.post(server.url + "/generate_stream", json=body, stream=True, timeout=120) as response:
         assert response.status_code == 200, response.text
         assert response.headers["Content-Type"].startswith("text/event-stream")
-        return [json.loads(line[len("data: "):]) for line in response.iter_lines(decode_unicode=True)
-                if line.startswith("data: ")]
+        return sse.json_events(sse.chunks_of(response))
 
 
-def test_generate_stream_sends_the_same_text_piece_by_piece(gpt2_server, tiny_models):
+def test_generate_stream_sends_the_same_text_piece_by_piece(live_api, tiny_models):
     body = {"text": {"plain": PROMPT}, "max_length": 48}
-    whole = generate(gpt2_server, body)
-    events = stream_events(gpt2_server, body)
+    whole = generate(live_api, body)
+    events = stream_events(live_api, body)
     *deltas, done = events
     assert PROMPT + "".join(event["text"] for event in deltas) == texts(whole)[0]
     assert len(deltas) > 1
     assert deltas[-1]["finish_reason"] == "length" and all(e["finish_reason"] is None for e in deltas[:-1])
-    assert done["done"] is True and done["model"] == tiny_models.repo_ids["gpt2"]
+    assert done["done"] is True and done["model"] == str(tiny_models.folders["gpt2"])
     assert re.fullmatch(r"\d+\.\d\d", done["s_elapsed"])
     assert done["usage"] == whole["usage"] and done["finish_reasons"] == ["length"]
 
 
-def test_generate_stream_several_sequences(gpt2_server):
-    events = stream_events(gpt2_server, {"text": {"plain": SHORT}, "max_length": 20, "do_sample": True,
+def test_generate_stream_several_sequences(live_api):
+    events = stream_events(live_api, {"text": {"plain": SHORT}, "max_length": 20, "do_sample": True,
                                          "num_return_sequences": 2, "seed": 3})
     assert {event["index"] for event in events[:-1]} == {0, 1}
     assert events[-1]["finish_reasons"] == ["length", "length"]
 
 
-def test_generate_stream_refuses_bad_input_before_streaming(gpt2_server):
-    assert_error(post(gpt2_server, {"text": {"in_64": "%%%"}}, "/generate_stream"), 422, "text.in_64", "base64")
-    assert_error(post(gpt2_server, None, "/generate_stream", data="{"), 400, None, "JSON")
+def test_generate_stream_refuses_bad_input_before_streaming(live_api):
+    assert_error(post(live_api, {"text": {"in_64": "%%%"}}, "/generate_stream"), 422, "text.in_64", "base64")
+    assert_error(post(live_api, None, "/generate_stream", data="{"), 400, None, "JSON")
 
 
 # ---- Bad input -------------------------------------------------------------------------------------
@@ -410,14 +412,14 @@ GREEDY_SEVERAL = [
 
 @pytest.mark.parametrize("fields, param, word", WRONG_TYPES + OUT_OF_RANGE + TEXT_SHAPES + BASE64 + GREEDY_SEVERAL,
                          ids=lambda value: json.dumps(value) if isinstance(value, dict) else None)
-def test_bad_fields_are_422_naming_the_field(gpt2_server, fields, param, word):
+def test_bad_fields_are_422_naming_the_field(live_api, fields, param, word):
     body = {**GOOD, **fields}
     for path in ("/generate", "/"):
-        assert_error(post(gpt2_server, body, path), 422, param, word)
+        assert_error(post(live_api, body, path), 422, param, word)
 
 
-def test_missing_text(gpt2_server):
-    assert_error(post(gpt2_server, {"max_length": 10}), 422, "text", "required")
+def test_missing_text(live_api):
+    assert_error(post(live_api, {"max_length": 10}), 422, "text", "required")
 
 
 @pytest.mark.parametrize("raw", [
@@ -426,9 +428,9 @@ def test_missing_text(gpt2_server):
     '{"text": {"plain": "Hi"}, "temperature": 1e400}',
     '{"text": {"plain": "Hi"}, "repetition_penalty": -Infinity}',
 ])
-def test_non_finite_numbers_are_refused(gpt2_server, raw):
+def test_non_finite_numbers_are_refused(live_api, raw):
     param = re.search(r'"(top_p|temperature|repetition_penalty)"', raw).group(1)
-    assert_error(post(gpt2_server, None, data=raw), 422, param, "finite")
+    assert_error(post(live_api, None, data=raw), 422, param, "finite")
 
 
 @pytest.mark.parametrize("raw, word", [
@@ -440,65 +442,63 @@ def test_non_finite_numbers_are_refused(gpt2_server, raw):
     ('"text"', "object"),
     ("null", "object"),
 ])
-def test_a_body_that_is_not_a_json_object_is_400(gpt2_server, raw, word):
-    assert_error(post(gpt2_server, None, data=raw), 400, None, word)
+def test_a_body_that_is_not_a_json_object_is_400(live_api, raw, word):
+    assert_error(post(live_api, None, data=raw), 400, None, word)
 
 
-def test_max_length_must_exceed_the_prompt(gpt2_server, reference):
+def test_max_length_must_exceed_the_prompt(live_api, reference):
     prompt_tokens = reference().tokens(PROMPT)
     for max_length in (1, prompt_tokens - 1, prompt_tokens):
-        error = assert_error(post(gpt2_server, {"text": {"plain": PROMPT}, "max_length": max_length}), 422,
+        error = assert_error(post(live_api, {"text": {"plain": PROMPT}, "max_length": max_length}), 422,
                              "max_length", str(max_length), str(prompt_tokens))
         assert error["code"] == "max_length_too_small"
-    assert generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": prompt_tokens + 1})
+    assert generate(live_api, {"text": {"plain": PROMPT}, "max_length": prompt_tokens + 1})
 
 
-def test_beyond_the_context_is_refused_naming_both_numbers(gpt2_server, reference):
+def test_beyond_the_context_is_refused_naming_both_numbers(live_api, reference):
     ref = reference()
-    assert_error(post(gpt2_server, {**GOOD, "max_length": 1025}), 422, "max_length", "1024", "1025")
-    assert_error(post(gpt2_server, {**GOOD, "max_new_tokens": 1024}), 422, "max_new_tokens", "1024",
+    assert_error(post(live_api, {**GOOD, "max_length": 1025}), 422, "max_length", "1024", "1025")
+    assert_error(post(live_api, {**GOOD, "max_new_tokens": 1024}), 422, "max_new_tokens", "1024",
                  str(ref.tokens(SHORT) + 1024))
     long_prompt = "Hello world, here is a rather long prompt. " * 150
     prompt_tokens = ref.tokens(long_prompt)
     assert prompt_tokens > 1024
-    error = assert_error(post(gpt2_server, {"text": {"plain": long_prompt}, "max_length": prompt_tokens + 10}), 422,
+    error = assert_error(post(live_api, {"text": {"plain": long_prompt}, "max_length": prompt_tokens + 10}), 422,
                          "max_length", "1024", str(prompt_tokens + 10))
     assert error["code"] == "context_length_exceeded"
     # Exactly the context is allowed: refused only beyond it, never truncated.
-    answer = generate(gpt2_server, {"text": {"plain": SHORT}, "max_length": 1024})
+    answer = generate(live_api, {"text": {"plain": SHORT}, "max_length": 1024})
     assert answer["usage"]["total_tokens"] <= 1024
     assert texts(answer)[0].startswith(SHORT)
 
 
-def test_num_return_sequences_above_the_default_limit(gpt2_server):
-    assert_error(post(gpt2_server, {**GOOD, "do_sample": True, "num_return_sequences": 9}), 422,
+def test_num_return_sequences_above_the_default_limit(live_api):
+    assert_error(post(live_api, {**GOOD, "do_sample": True, "num_return_sequences": 9}), 422,
                  "num_return_sequences", "8", "MAX_NUM_RETURN_SEQUENCES")
 
 
-def test_wrong_method_and_unknown_route_are_json(gpt2_server):
-    response = requests.get(gpt2_server.url + "/generate", timeout=30)
+def test_wrong_method_and_unknown_route_are_json(live_api):
+    response = requests.get(live_api.url + "/generate", timeout=30)
     assert response.status_code == 405 and response.json()["error"]["message"]
-    response = requests.post(gpt2_server.url + "/generate/now", json=GOOD, timeout=30)
+    response = requests.post(live_api.url + "/generate/now", json=GOOD, timeout=30)
     assert response.status_code == 404 and response.json()["error"]["message"]
 
 
-def test_the_server_still_serves_after_all_the_bad_input(gpt2_server):
-    """Runs after the error tests above: nothing they sent may have stopped the worker."""
-    assert gpt2_server.process.poll() is None
-    assert requests.get(gpt2_server.url + "/health", timeout=30).status_code == 200
-    answer = generate(gpt2_server, {"text": {"plain": PROMPT}, "max_length": 32})
+def test_the_server_still_serves_after_all_the_bad_input(live_api, app_errors):
+    """Runs after the error tests above: nothing they sent may have broken the engine or logged an error."""
+    assert requests.get(live_api.url + "/health", timeout=30).status_code == 200
+    answer = generate(live_api, {"text": {"plain": PROMPT}, "max_length": 32})
     assert texts(answer)[0].startswith(PROMPT)
-    assert "Traceback" not in gpt2_server.log
+    assert app_errors.lines() == []
 
 
 # ---- The limits ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def limits_server(start_server):
-    server = start_server(MAX_NEW_TOKENS=16, MAX_NUM_RETURN_SEQUENCES=2, MAX_BODY_BYTES=4096, MAX_STOP_SEQUENCES=1)
-    yield server
-    server.stop()
+def limits_server(make_live_api):
+    return make_live_api(MAX_NEW_TOKENS=16, MAX_NUM_RETURN_SEQUENCES=2, MAX_BODY_BYTES=4096, MAX_STOP_SEQUENCES=1,
+                         MAX_STOP_LENGTH=8)
 
 
 def test_limits_are_enforced_naming_the_setting(limits_server):
@@ -512,6 +512,8 @@ def test_limits_are_enforced_naming_the_setting(limits_server):
     assert_error(post(limits_server, {**body, "max_length": 40}), 422, "max_length", "16", "MAX_NEW_TOKENS")
     assert generate(limits_server, {**body, "stop": ["x"]})
     assert_error(post(limits_server, {**body, "stop": ["x", "y"]}), 422, "stop", "1", "MAX_STOP_SEQUENCES")
+    assert generate(limits_server, {**body, "stop": ["12345678"]})
+    assert_error(post(limits_server, {**body, "stop": ["123456789"]}), 422, "stop", "8", "9", "MAX_STOP_LENGTH")
 
 
 def test_a_body_over_the_size_limit_is_413(limits_server):
@@ -526,14 +528,12 @@ def test_a_body_over_the_size_limit_is_413(limits_server):
 CONTEXT = {"gpt2": 1024, "gpt-neo": 2048, "gptj": 2048}
 
 
-@pytest.fixture(scope="module", params=["gpt-neo", "gptj", "gpt2-folder", "gptj-folder"])
-def model_server(request, start_server, tiny_models):
-    """A server per architecture, loaded by repo id from the HF cache or from a local folder."""
-    arch = request.param.removesuffix("-folder")
-    model_id = str(tiny_models.folders[arch]) if request.param.endswith("-folder") else tiny_models.repo_ids[arch]
-    server = start_server(MODEL_ID=model_id)
-    yield arch, model_id, server
-    server.stop()
+@pytest.fixture(scope="module", params=["gpt2", "gpt-neo", "gptj"])
+def model_server(request, make_live_api, tiny_models):
+    """Each architecture, loaded from a local folder (MODEL_ID=/a/folder) by the production loader.
+    Loading by repo id from the Hugging Face cache is the real servers' way (see test_engine.py)."""
+    model_id = str(tiny_models.folders[request.param])
+    return request.param, model_id, make_live_api(MODEL_ID=model_id)
 
 
 def test_each_architecture_serves_the_original_api(model_server, reference):

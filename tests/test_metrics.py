@@ -1,14 +1,16 @@
-"""`GET /metrics` through the real server: what a Prometheus user graphs after some traffic."""
+"""`GET /metrics` over HTTP: what a Prometheus user graphs after some traffic (the real server, whose
+batch and queue limits make refusals and waits happen at will)."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests import sse
 
 GENERATE = {"text": {"plain": "Hello world"}, "max_new_tokens": 6}
 # Long enough to be caught running: 8 sequences of 1000 tokens (seconds, even for the tiny model).
@@ -57,7 +59,7 @@ def test_metrics_after_a_short_load(server):
         requests_done += 1
         sequences += len(answer["sentences"])
     with requests.post(server.url + "/generate_stream", json=GENERATE, stream=True, timeout=60) as response:
-        events = [json.loads(line[6:]) for line in response.iter_lines(decode_unicode=True) if line]
+        events = sse.json_events(sse.chunks_of(response))
     prompt_tokens += events[-1]["usage"]["prompt_tokens"]
     completion_tokens += events[-1]["usage"]["completion_tokens"]
     requests_done += 1
@@ -146,9 +148,9 @@ def test_queue_and_batch_gauges_and_refusals(server):
     assert value(after, "gpt_server_http_requests_total", method="POST", route="/generate", status="503") >= 1
 
 
-def test_every_counter_is_there_before_any_request(start_server):
-    """Labelled counters start at 0, so rate() and alerts work from the first scrape."""
-    samples = scrape(start_server())
+def test_every_counter_is_there_before_any_request(make_live_api):
+    """Labelled counters start at 0, so rate() and alerts work from the first scrape (of a fresh app)."""
+    samples = scrape(make_live_api())
     for reason in ("queue_full", "queue_timeout", "unauthorized", "shutting_down"):
         assert ("gpt_server_requests_refused_total", (("reason", reason),)) in samples
     for outcome in ("finished", "cancelled", "failed"):

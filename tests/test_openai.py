@@ -1,8 +1,11 @@
-"""The OpenAI-compatible API, exercised with the official `openai` Python client against the real server.
+"""The OpenAI-compatible API, exercised with the official `openai` Python client.
 
 Everything a script written for OpenAI's completions endpoint does, it does here by changing only
 `base_url` and `model`: plain and streamed completions, several choices and prompts, stop strings,
 seeds, log-probabilities, echo, usage, the models list, and each error as the client's typed exception.
+Most tests run the client in process (over the app's WSGI interface, on the shared engine, serving
+tiny GPT-2 from its folder, so the model id is an absolute path); keys, overload and disconnects
+run against a real server over real HTTP.
 """
 
 from __future__ import annotations
@@ -18,11 +21,25 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
+from tests import sse
+from tests.conftest import inprocess_openai
+
 PROMPT = "Hello world! When Konrad Adenauer was elected chancellor in 1949,"
 
 
 @pytest.fixture(scope="module")
-def model(tiny_models) -> str:
+def client(api) -> openai.OpenAI:
+    return inprocess_openai(api)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def served_model(tiny_models) -> str:
+    """The model id of a real server: the repo id it loads from its Hugging Face cache."""
     return tiny_models.repo_ids["gpt2"]
 
 
@@ -35,11 +52,6 @@ def make_client(server, api_key="any-key", **options) -> openai.OpenAI:
     # No retries by default: an error must reach the test at once, not after the client's back-off.
     options.setdefault("max_retries", 0)
     return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, **options)
-
-
-@pytest.fixture(scope="module")
-def client(gpt2_server) -> openai.OpenAI:
-    return make_client(gpt2_server)
 
 
 def greedy(client, model, prompt=PROMPT, **options):
@@ -72,12 +84,10 @@ def test_default_max_tokens_is_16(client, model):
     assert completion.choices[0].finish_reason == "length"
 
 
-def test_same_engine_as_the_original_api(gpt2_server, client, model):
+def test_same_engine_as_the_original_api(api, client, model):
     """Greedy text is the same through /v1/completions and the original /generate."""
     completion = greedy(client, model, max_tokens=10)
-    original = requests.post(gpt2_server.url + "/generate", json={
-        "text": {"plain": PROMPT}, "max_new_tokens": 10, "do_sample": False,
-    }, timeout=60).json()
+    original = api.post("/generate", json={"text": {"plain": PROMPT}, "max_new_tokens": 10, "do_sample": False}).json
     assert original["sentences"][0]["generated_text"] == PROMPT + completion.choices[0].text
 
 
@@ -104,12 +114,10 @@ def test_streaming_gives_the_same_text_in_openai_chunks(client, model):
     assert usage_chunk.usage.completion_tokens == 10
 
 
-def test_stream_without_usage_ends_with_done(gpt2_server, model):
-    response = requests.post(gpt2_server.url + "/v1/completions", json={
-        "model": model, "prompt": PROMPT, "max_tokens": 5, "stream": True,
-    }, stream=True, timeout=60)
+def test_stream_without_usage_ends_with_done(api, model):
+    response = api.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 5, "stream": True})
     assert response.headers["Content-Type"].startswith("text/event-stream")
-    events = [line.removeprefix("data: ") for line in response.iter_lines(decode_unicode=True) if line]
+    events = sse.data(sse.chunks_of(response))
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks and all("usage" not in c for c in chunks)
@@ -300,7 +308,7 @@ def test_models_list_and_retrieve(client, model):
     assert [m.id for m in models.data] == [model]
     assert models.data[0].object == "model" and models.data[0].owned_by
 
-    card = client.models.retrieve(model)  # the id has a slash in it
+    card = client.models.retrieve(model)  # an absolute folder path: it starts with a slash
     assert card.id == model and card.object == "model"
 
     with pytest.raises(openai.NotFoundError) as err:
@@ -375,8 +383,9 @@ def test_body_over_the_limit_is_413(client, model):
 
 
 def test_unknown_route_is_404_in_openai_shape(client):
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError) as err:
+        client.embeddings.create(model="m", input="hi")
+    assert err.value.type == "not_found_error"
 
 
 # ---- overload and disconnects ------------------------------------------------------------------------
@@ -422,22 +431,22 @@ def one_at_a_time(start_server):
     server.stop()
 
 
-def test_with_an_api_key_set_a_wrong_or_missing_key_is_401(one_at_a_time, model):
+def test_with_an_api_key_set_a_wrong_or_missing_key_is_401(one_at_a_time, served_model):
     with pytest.raises(openai.AuthenticationError) as err:
-        make_client(one_at_a_time, api_key="wrong").completions.create(model=model, prompt=PROMPT)
+        make_client(one_at_a_time, api_key="wrong").completions.create(model=served_model, prompt=PROMPT)
     assert err.value.status_code == 401 and err.value.type == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         make_client(one_at_a_time, api_key="wrong").models.list()
     assert requests.get(one_at_a_time.url + "/v1/models", timeout=10).status_code == 401
 
     client = make_client(one_at_a_time, api_key=API_KEY)
-    assert client.models.list().data[0].id == model
-    assert client.completions.create(model=model, prompt=PROMPT, max_tokens=2).choices[0].text is not None
+    assert client.models.list().data[0].id == served_model
+    assert client.completions.create(model=served_model, prompt=PROMPT, max_tokens=2).choices[0].text is not None
 
 
-def test_more_prompts_than_the_queue_holds_is_400(one_at_a_time, model):
+def test_more_prompts_than_the_queue_holds_is_400(one_at_a_time, served_model):
     with pytest.raises(openai.BadRequestError) as err:
-        make_client(one_at_a_time, api_key=API_KEY).completions.create(model=model, prompt=["a", "b"])
+        make_client(one_at_a_time, api_key=API_KEY).completions.create(model=served_model, prompt=["a", "b"])
     assert err.value.param == "prompt" and "MAX_QUEUE=1" in err.value.message
 
 
@@ -457,15 +466,15 @@ def queue_full_refusals(server) -> float:
     return metric(server, "gpt_server_requests_refused_total", reason="queue_full")
 
 
-def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time, model):
+def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time, served_model):
     server = one_at_a_time
     client = make_client(server, api_key=API_KEY)
-    busy, _ = long_stream(server, model)  # holds the only place in the batch
+    busy, _ = long_stream(server, served_model)  # holds the only place in the batch
     outcome = {}
 
     def in_thread(name, client):
         def run():
-            outcome[name] = client.completions.create(model=model, prompt=PROMPT, max_tokens=2,
+            outcome[name] = client.completions.create(model=served_model, prompt=PROMPT, max_tokens=2,
                                                       extra_body={"ignore_eos": True})
         thread = threading.Thread(target=run)
         thread.start()
@@ -476,7 +485,7 @@ def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time, m
     full = {"batch_size": 1, "queue_size": 1}
 
     with pytest.raises(openai.InternalServerError) as err:
-        client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+        client.completions.create(model=served_model, prompt=PROMPT, max_tokens=2)
     assert err.value.status_code == 503
     assert err.value.code == "queue_full"
     assert err.value.response.headers["Retry-After"] == "1"
@@ -484,7 +493,7 @@ def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time, m
     assert {k: v for k, v in requests.get(server.url + "/health", timeout=10).json().items() if k in full} == full
 
     with pytest.raises(openai.InternalServerError):  # streaming requests are refused the same way
-        client.completions.create(model=model, prompt=PROMPT, max_tokens=2, stream=True)
+        client.completions.create(model=served_model, prompt=PROMPT, max_tokens=2, stream=True)
 
     # The client's own retries (twice by default, after Retry-After) get through once there is room.
     refusals = queue_full_refusals(server)
@@ -497,27 +506,91 @@ def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time, m
     assert outcome["retrying"].usage.completion_tokens == 2
 
 
-def test_disconnecting_a_stream_cancels_its_generation(one_at_a_time, model):
+def test_disconnecting_a_stream_cancels_its_generation(one_at_a_time, served_model):
     server = one_at_a_time
     before = cancelled_requests(server)
 
-    response, _ = long_stream(server, model)  # goes away after the first event
+    response, _ = long_stream(server, served_model)  # goes away after the first event
     response.close()
     wait_for_health(server, lambda h: h["batch_size"] == 0 and h["queue_size"] == 0, "an empty batch")
     assert cancelled_requests(server) == before + 1  # cancelled, not run to its end
 
     # The server goes on serving.
-    assert greedy(make_client(server, api_key=API_KEY), model, max_tokens=3).usage.completion_tokens >= 1
+    assert greedy(make_client(server, api_key=API_KEY), served_model, max_tokens=3).usage.completion_tokens >= 1
 
 
-def test_disconnecting_while_waiting_for_a_whole_answer_cancels_it(one_at_a_time, model):
+def test_disconnecting_while_waiting_for_a_whole_answer_cancels_it(one_at_a_time, served_model):
     server = one_at_a_time
     before = cancelled_requests(server)
 
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    connection.request("POST", "/v1/completions", body=json.dumps({"model": model, **LONG_REQUEST}),
+    connection.request("POST", "/v1/completions", body=json.dumps({"model": served_model, **LONG_REQUEST}),
                        headers={"Content-Type": "application/json", **AUTH})
     wait_for_health(server, lambda h: h["batch_size"] == 1, "the request running")
     connection.close()
     wait_for_health(server, lambda h: h["batch_size"] == 0 and h["queue_size"] == 0, "an empty batch")
     assert cancelled_requests(server) == before + 1  # cancelled, not run to its end
+
+
+# ---- min_p and per-request validation (in process) -----------------------------------------------
+
+
+def test_min_p_1_keeps_only_the_most_likely_token(client, model):
+    """min_p=1 keeps the tokens as likely as the most likely one: hot sampling becomes greedy."""
+    hot = dict(model=model, prompt=PROMPT, max_tokens=12, temperature=2.0, seed=1)
+    sampled = client.completions.create(**hot).choices[0].text
+    kept = client.completions.create(**hot, extra_body={"min_p": 1.0}).choices[0].text
+    assert kept == greedy(client, model).choices[0].text != sampled
+
+
+def test_min_p_is_passed_on_and_seeded(client, model):
+    def sample(min_p):
+        return [c.text for c in client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=1.5,
+                                                          n=3, seed=21, extra_body={"min_p": min_p}).choices]
+
+    assert sample(0.8) == sample(0.8)
+    assert sample(0.0) != sample(0.8) != sample(1.0)  # neither off nor greedy
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"top_k": 2**63}, "top_k"),
+    ({"top_k": 10**40}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_p": True}, "min_p"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"seed": 2**64}, "seed"),
+    ({"stop": ["x" * 257]}, "stop"),
+    ({"prompt": "a lone \ud800 surrogate"}, "prompt"),
+    ({"prompt": ["fine", "lone \udfff"]}, "prompt"),
+    ({"stop": ["\ud800"]}, "stop"),
+])
+def test_out_of_range_and_malformed_values_are_refused_per_request(api, extra, param):
+    """Refused before the engine sees them: a neighbour in the same batch never pays for them."""
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 2, **extra})  # Python's JSON writes Infinity and NaN
+    response = api.post("/v1/completions", data=body, content_type="application/json")
+    assert response.status_code == 400, response.json
+    assert response.json["error"]["param"] == param
+    assert response.json["error"]["message"].startswith(param)
+    # The engine still serves.
+    assert api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_stop_length_is_a_setting(make_api):
+    api = make_api(MAX_STOP_LENGTH=4)
+    refused = api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": ["abcde"]})
+    assert refused.status_code == 400 and "MAX_STOP_LENGTH" in refused.json["error"]["message"]
+    assert api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": ["abcd"]}).status_code == 200
+
+
+def test_line_separators_in_events_survive_a_line_splitting_reader(api, model):
+    """U+2028, U+2029 and U+0085 are JSON escapes on the wire: `splitlines()` still sees one line per event."""
+    prompt = "one\u2028two\u2029three\x85four"
+    response = api.post("/v1/completions", json={"model": model, "prompt": prompt, "echo": True, "max_tokens": 2,
+                                                 "stream": True})
+    raw = response.get_data(as_text=True)
+    assert not {"\u2028", "\u2029", "\x85"} & set(raw)
+    naive = [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: {")]
+    assert naive[0]["choices"][0]["text"] == prompt
+    assert naive == sse.json_events([raw.encode()])

@@ -18,12 +18,14 @@ import pytest
 import requests
 
 from app.api.legacy_schemas import LegacyGenerateRequest, LegacyGenerateResponse
+from app.api.chat_schemas import ChatCompletionRequest
 from app.api.openai_schemas import CompletionRequest
 
 FUZZ_KEY = "fuzz-key-0123456789"
 EXPECTED_PATHS = {
     "/generate": {"post"}, "/": {"get", "post"}, "/generate_stream": {"post"},
-    "/v1/completions": {"post"}, "/v1/models": {"get"}, "/v1/models/{model_id}": {"get"},
+    "/v1/completions": {"post"}, "/v1/chat/completions": {"post"}, "/v1/models": {"get"},
+    "/v1/models/{model_id}": {"get"},
     "/health": {"get"}, "/metrics": {"get"}, "/openapi.json": {"get"}, "/docs": {"get"}, "/docs/{asset}": {"get"},
     "/playground/{asset}": {"get"},
 }
@@ -93,16 +95,18 @@ def test_bodies_come_from_the_validating_models(gpt2_server):
     expected = LegacyGenerateResponse.model_json_schema(mode="serialization",
                                                         ref_template="#/components/schemas/{model}")
     assert same_but_names(response_schema["properties"], expected["properties"])
-    assert response_schema["properties"]["usage"] == {"$ref": "#/components/schemas/LegacyUsage"}
+    assert response_schema["properties"]["usage"] == {"$ref": "#/components/schemas/Usage"}  # one for both APIs
     completion = resolve(doc, doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]
                          ["application/json"]["schema"])
     assert set(completion["properties"]) == set(CompletionRequest.model_fields)
-    # Errors: the original API's with `detail`, the OpenAI API's without.
+    # Errors: one body for both APIs; the original API's add the `detail` list.
     legacy_422 = resolve(doc, generate["responses"]["422"]["content"]["application/json"]["schema"])
-    assert set(legacy_422["required"]) == {"error", "detail"}
     openai_400 = resolve(doc, doc["paths"]["/v1/completions"]["post"]["responses"]["400"]["content"]
                          ["application/json"]["schema"])
-    assert openai_400["required"] == ["error"]
+    assert legacy_422 == openai_400 and legacy_422["required"] == ["error"] and "detail" in legacy_422["properties"]
+    chat = resolve(doc, doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+                   ["application/json"]["schema"])
+    assert set(chat["properties"]) == set(ChatCompletionRequest.model_fields)
     assert "LegacyStreamDelta" in schemas and "CompletionStreamChunk" in schemas
 
 
@@ -160,7 +164,7 @@ def test_fuzzer_finds_no_5xx_and_no_answer_outside_the_document(start_server, tm
           f"{report['test_cases']['with_failures']} with failures")
     assert run.returncode == 0, output[-6000:]
     # Every operation but GET /openapi.json, which schemathesis leaves out (it is the document itself).
-    assert report["operations"]["tested"] == report["operations"]["total"] == 12
+    assert report["operations"]["tested"] == report["operations"]["total"] == 13
     assert not any(status >= 500 for status in statuses), statuses
     assert sum(statuses.values()) >= 500  # it really ran
 

@@ -58,8 +58,8 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return response
 
 
-def validation_error_response(exc: ValidationError, status: int = 422):
-    """Name the first offending field and its reason; list them all in `detail`."""
+def validation_error_response(exc: ValidationError, status: int = 422, with_detail: bool = True):
+    """Name the first offending field and its reason; list them all in `detail` (the original API's)."""
     errors = exc.errors(include_url=False)
     detail = [
         {"loc": ["body", *map(str, e["loc"])], "msg": e["msg"].removeprefix("Value error, "), "type": e["type"]}
@@ -68,7 +68,7 @@ def validation_error_response(exc: ValidationError, status: int = 422):
     first = detail[0]
     param = ".".join(first["loc"][1:]) or None
     message = f"{param}: {first['msg']}" if param else first["msg"]
-    return error_response(status, message, param, first["type"], detail=detail)
+    return error_response(status, message, param, first["type"], detail=detail if with_detail else None)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -1,5 +1,6 @@
-"""What every generation route shares: reading the body, encoding the prompt, checking it fits,
-waiting for the engine while watching the client's connection, and server-sent events."""
+"""What every generation route shares: reading the body, encoding the prompt, the server's limits
+and model as the protocol models see them, and waiting for the engine while watching the client's
+connection."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import json
 import select
 import socket
 import threading
-from typing import Iterable, Iterator
+from typing import Iterator
 
-from flask import Response, current_app, request, stream_with_context
+from flask import current_app, request
 
 from app import request_log
 from app.api.errors import ApiError
-from app.engine import Engine, EngineError, GenerationRequest, RequestHandle
+from app.api.protocol import Serving
+from app.engine import Engine, GenerationRequest, RequestHandle
 
 # How often a waiting HTTP thread looks whether its client is still there.
 POLL_SECONDS = 0.25
@@ -62,37 +64,11 @@ def encode(text: str) -> list[int]:
     return ids
 
 
-def decode(ids) -> str:
-    tokenizer = loaded_model().tokenizer
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def check_fits(prompt_tokens: int, new_tokens: int, param: str, n: int = 1, status: int = 422) -> None:
-    """Refuse, never truncate, a prompt and length that the model or the server cannot hold."""
-    context = loaded_model().context_length
-    if prompt_tokens + new_tokens > context:
-        raise ApiError(
-            status,
-            f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{prompt_tokens + new_tokens} tokens ({prompt_tokens} in the prompt, {new_tokens} to generate). "
-            f"Shorten the prompt or lower {param}.",
-            param=param, code="context_length_exceeded",
-        )
-    limit = settings().max_new_tokens
-    if new_tokens > limit:
-        raise ApiError(
-            status,
-            f"{param} asks for {new_tokens} new tokens; this server allows at most {limit} (MAX_NEW_TOKENS)",
-            param=param, code="too_many_tokens",
-        )
-    budget = settings().max_batch_tokens
-    if n * (prompt_tokens + new_tokens) > budget:
-        raise ApiError(
-            status,
-            f"{n} sequence(s) of {prompt_tokens + new_tokens} tokens need {n * (prompt_tokens + new_tokens)} tokens "
-            f"of batch space; this server allows {budget} (MAX_BATCH_TOKENS)",
-            param=param, code="too_many_tokens",
-        )
+def serving() -> Serving:
+    """What the protocol models need to turn a request into engine requests."""
+    loaded = loaded_model()
+    return Serving(settings(), loaded.context_length, loaded.model.config.get_text_config().vocab_size,
+                   encode, loaded.tokenizer)
 
 
 def client_connected() -> bool:
@@ -137,21 +113,3 @@ def event_stream(handle: RequestHandle) -> Iterator:
         yield from handle.stream(POLL_SECONDS, client_connected)
     finally:
         handle.cancel()
-
-
-def sse_response(events: Iterable[dict | str]) -> Response:
-    """Server-sent events: each item becomes one `data:` line (a str is sent as is, e.g. "[DONE]")."""
-
-    def lines():
-        try:
-            for event in events:
-                payload = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
-                yield f"data: {payload}\n\n"
-        except EngineError as exc:
-            error = {"error": {"message": str(exc), "type": "server_error", "param": None, "code": exc.code}}
-            yield f"data: {json.dumps(error)}\n\n"
-
-    response = Response(stream_with_context(lines()), mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response

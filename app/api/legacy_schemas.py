@@ -14,6 +14,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
+from app.api.protocol import (
+    INT64_MAX,
+    FinishReason,
+    RequestRefused,
+    SamplingFields,
+    Serving,
+    Usage,
+    no_lone_surrogates,
+    not_a_bool,
+)
+from app.engine import GenerationRequest
+
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -41,6 +53,11 @@ class TextInput(BaseModel):
                           "are tolerated; ignored when `plain` is given",
     )
 
+    @field_validator("plain")
+    @classmethod
+    def _valid_unicode(cls, value: str | None) -> str | None:
+        return no_lone_surrogates(value)
+
     @field_validator("in_64")
     @classmethod
     def _decode(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -60,10 +77,10 @@ class TextInput(BaseModel):
 
 
 _NUMBERS = ("top_p", "top_k", "temperature", "max_length", "num_return_sequences", "max_new_tokens", "typical_p",
-            "repetition_penalty", "seed")
+            "seed")
 
 
-class LegacyGenerateRequest(BaseModel):
+class LegacyGenerateRequest(SamplingFields):
     # Unknown fields are ignored, as the original did; NaN and infinities (which Python's JSON parser
     # accepts) are refused rather than handed to the sampler.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -71,7 +88,7 @@ class LegacyGenerateRequest(BaseModel):
     text: TextInput = Field(description='the prompt: `{"plain": "..."}` or `{"in_64": "<base64>"}`')
     do_sample: StrictBool = Field(False, description="sample instead of greedy decoding")
     top_p: float = Field(100, description="nucleus sampling; any value >= 1 turns it off")
-    top_k: int = Field(50, ge=0, description="top-k filter; 0 turns it off")
+    top_k: int = Field(50, ge=0, le=INT64_MAX, description="top-k filter; 0 turns it off")
     temperature: float = Field(1.0, ge=0, description="must be > 0 when sampling; ignored by greedy decoding")
     max_length: int = Field(20, ge=1, description="total length in tokens, prompt included")
     num_return_sequences: int = Field(1, ge=1, description="completions to return; more than 1 needs do_sample")
@@ -79,8 +96,7 @@ class LegacyGenerateRequest(BaseModel):
     # Additions: per-request controls the engine offers beyond the original API.
     max_new_tokens: int | None = Field(None, ge=1, description="new tokens to generate; overrides max_length")
     typical_p: float = Field(1.0, gt=0, description="typical sampling mass; >= 1 turns it off")
-    repetition_penalty: float = Field(1.0, gt=0, description="1 = off; > 1 discourages repeats")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="the same seed gives the same text")
+    seed: int | None = Field(None, ge=0, le=INT64_MAX, description="the same seed gives the same text")
     stop: list[str] = Field(default_factory=list, description="strings that end a sequence (not returned)")
 
     @field_validator("text", mode="before")
@@ -96,15 +112,12 @@ class LegacyGenerateRequest(BaseModel):
     @field_validator(*_NUMBERS, mode="before")
     @classmethod
     def _not_a_bool(cls, value):
-        # pydantic would read true/false as 1/0; a boolean here is a client's mistake, not a number.
-        if isinstance(value, bool):
-            raise ValueError(f"must be a number, not {str(value).lower()}")
-        return value
+        return not_a_bool(value)
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value):
-        return [value] if isinstance(value, str) else value
+        return no_lone_surrogates([value] if isinstance(value, str) else value)
 
     # Field validators (not a model validator) so that each error names its field; `do_sample` is
     # declared first and so is already validated when these run.
@@ -129,6 +142,26 @@ class LegacyGenerateRequest(BaseModel):
             raise ValueError("must be 1 unless do_sample is true: greedy decoding gives the same text every time")
         return value
 
+    def to_engine(self, serving: Serving) -> tuple[GenerationRequest, str]:
+        """The engine request, and the prompt as the answer repeats it (decoded, for `in_64`)."""
+        serving.check_counts(self.num_return_sequences, "num_return_sequences", self.stop)
+        prompt_ids = serving.encode(self.text.prompt)
+        if self.max_new_tokens is not None:
+            new_tokens, param = self.max_new_tokens, "max_new_tokens"
+        else:
+            new_tokens, param = self.max_length - len(prompt_ids), "max_length"
+            if new_tokens < 1:
+                raise RequestRefused(
+                    f"max_length ({self.max_length}) counts the prompt too and must exceed the prompt's "
+                    f"{len(prompt_ids)} tokens", "max_length", "max_length_too_small",
+                )
+        serving.check_fits(len(prompt_ids), new_tokens, param, self.num_return_sequences)
+        sampling = self.sampling(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+                                 top_p=self.top_p, typical_p=self.typical_p, seed=self.seed)
+        request = GenerationRequest(prompt_ids=tuple(prompt_ids), max_new_tokens=new_tokens, sampling=sampling,
+                                    n=self.num_return_sequences, stop=tuple(self.stop))
+        return request, serving.decode(prompt_ids)
+
 
 def _json_type(value) -> str:
     names = {str: "a string", list: "an array", bool: "a boolean", int: "a number", float: "a number"}
@@ -136,9 +169,6 @@ def _json_type(value) -> str:
 
 
 # ---- Responses -----------------------------------------------------------------------------------
-
-FinishReason = Literal["stop", "length", "cancelled"]
-
 
 class Sentence(BaseModel):
     generated_text: str = Field(
@@ -148,12 +178,6 @@ class Sentence(BaseModel):
     finish_reason: FinishReason | None = Field(
         description='"length": max_length / max_new_tokens reached; "stop": end-of-text token or a stop string',
     )
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = Field(description="tokens in the prompt")
-    completion_tokens: int = Field(description="tokens generated, over all returned sequences")
-    total_tokens: int = Field(description="prompt_tokens + completion_tokens")
 
 
 class LegacyGenerateResponse(BaseModel):
@@ -181,24 +205,3 @@ class LegacyStreamDone(BaseModel):
     s_elapsed: str = Field(pattern=r"^\d+\.\d{2}$", description="seconds spent generating, two decimals")
     finish_reasons: list[FinishReason | None] = Field(description="finish reason of each sequence, by index")
     usage: Usage
-
-
-class ErrorInfo(BaseModel):
-    message: str = Field(description="what is wrong, naming the field (`field: reason`) where one is at fault")
-    type: str = Field(description='class of error, e.g. "invalid_request_error", "overloaded_error"')
-    param: str | None = Field(description='the field at fault, dotted for nested ones (e.g. "text.in_64")')
-    code: str | None = Field(description='machine-readable reason, e.g. "context_length_exceeded"')
-
-
-class ErrorDetailItem(BaseModel):
-    loc: list[str] = Field(description='where the problem is: ["body", field, ...]')
-    msg: str
-    type: str
-
-
-class LegacyErrorResponse(BaseModel):
-    """Every 4xx/5xx answer of the original API's routes: one error, plus the FastAPI-style `detail` list
-    the original server's clients read."""
-
-    error: ErrorInfo
-    detail: list[ErrorDetailItem]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
 
 from flask import Blueprint, jsonify
+from werkzeug.routing import PathConverter
 from pydantic import ValidationError
 
 from app.api import generation as gen
-from app.api.errors import ApiError
+from app.api.errors import ApiError, error_response, validation_error_response
 from app.api.openai_schemas import (
     CompletionChoice,
     CompletionLogprobs,
@@ -26,11 +26,14 @@ from app.api.openai_schemas import (
     CompletionResponse,
     CompletionStreamChoice,
     CompletionStreamChunk,
+    EnginePrompt,
     ModelCard,
     ModelList,
-    Usage,
+    OpenAIRequest,
 )
-from app.engine import Delta, Finished, GenerationRequest, RequestHandle, SamplingParams, TokenLogprob
+from app.api.protocol import RequestRefused, Usage, backend_decode
+from app.api.sse import sse_response
+from app.engine import Delta, Finished, TokenLogprob
 from app.engine.text import IncrementalDecoder
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -61,7 +64,21 @@ def list_models():
     return jsonify(ModelList(data=[_model_card()]).model_dump())
 
 
-@bp.get("/models/<path:model_id>")
+class ModelIdConverter(PathConverter):
+    """werkzeug's `path`, but also with a leading slash: a model served from a folder has an absolute
+    path as its id, which the openai client sends as `/v1/models/%2Fmodels%2Fx` and the app receives as
+    `/v1/models//models/x`. It replaces `path` in the app (this is the only rule that uses it), so the
+    rule, its metrics label and its OpenAPI path stay `/v1/models/<path:model_id>`."""
+
+    regex = ".+?"
+    part_isolating = False  # the id spans several path segments (werkzeug infers True from a regex without "/")
+
+
+bp.record_once(lambda state: state.app.url_map.converters.update(path=ModelIdConverter))
+
+
+# merge_slashes=False: the double slash is part of the id, not a typo to redirect.
+@bp.get("/models/<path:model_id>", merge_slashes=False)
 def retrieve_model(model_id: str):
     card = _model_card()
     if model_id != card.id:
@@ -69,143 +86,61 @@ def retrieve_model(model_id: str):
     return jsonify(card.model_dump())
 
 
-# ---- turning a request into engine requests ------------------------------------------------------
+# ---- running a request's prompts ------------------------------------------------------------------
 
 
-@dataclass
-class _Job:
-    """One prompt of the request: what `echo` returns, and what the engine is asked to do."""
-
-    index: int  # position in the request's prompt list
-    prompt_ids: list[int]
-    prompt_text: str
-    generation: GenerationRequest | None  # None: nothing to run (max_tokens=0 without prompt logprobs)
-    keep_output: bool = True  # False: the engine ran only for the prompt's log-probabilities
-    handle: RequestHandle | None = None
-
-
-def _parse(body: dict) -> CompletionRequest:
-    """Validate the body; invalid values are 400 (OpenAI's clients expect no 422 here)."""
-    try:
-        return CompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        reason = first["msg"].removeprefix("Value error, ")
-        raise ApiError(400, f"{param}: {reason}" if param else reason, param=param, code=first["type"]) from None
-
-
-def _check_limits(req: CompletionRequest) -> None:
-    limits = gen.settings()
-    if req.model is not None and req.model != limits.model_id:
+def check_model(req: OpenAIRequest) -> None:
+    if req.model is not None and req.model != gen.settings().model_id:
         raise _model_not_found(req.model)
-    if req.n > limits.max_num_return_sequences:
-        raise ApiError(400, f"n: at most {limits.max_num_return_sequences} on this server (MAX_NUM_RETURN_SEQUENCES); "
-                            f"got {req.n}", param="n", code="too_many_sequences")
-    most_prompts = limits.max_queue
-    if len(req.prompts) > most_prompts:
-        # Every prompt is one engine request; more than the queue holds could never be taken at once.
-        raise ApiError(400, f"prompt: a list of {len(req.prompts)} prompts is more than this server queues at once "
-                            f"(MAX_QUEUE={limits.max_queue}); send at most {most_prompts} per request",
-                       param="prompt", code="too_many_prompts")
-    if len(req.stops) > limits.max_stop_sequences:
-        raise ApiError(400, f"stop: at most {limits.max_stop_sequences} stop sequences on this server "
-                            f"(MAX_STOP_SEQUENCES); got {len(req.stops)}", param="stop", code="too_many_stop_sequences")
 
 
-def _prompt_ids_and_text(prompt: str | list[int], position: int) -> tuple[list[int], str]:
-    loaded = gen.loaded_model()
-    if isinstance(prompt, str):
-        return gen.encode(prompt), prompt
-    vocab = loaded.model.config.get_text_config().vocab_size
-    bad = next((t for t in prompt if not 0 <= t < vocab), None)
-    if bad is not None:
-        param = "prompt" if position < 0 else f"prompt.{position}"
-        raise ApiError(400, f"{param}: token id {bad} is outside this model's vocabulary (0..{vocab - 1})",
-                       param=param, code="invalid_token_id")
-    return list(prompt), _backend_decode(loaded.tokenizer, prompt, skip_special_tokens=True)
-
-
-def _new_tokens(req: CompletionRequest, prompt_tokens: int) -> int:
-    if req.max_tokens is not None:
-        return req.max_tokens
-    # null: as many as the context, MAX_NEW_TOKENS and the batch's token budget allow.
-    limits = gen.settings()
-    room = min(gen.loaded_model().context_length - prompt_tokens, limits.max_new_tokens,
-               limits.max_batch_tokens // req.n - prompt_tokens)
-    return max(room, 1)  # at least one, so that a prompt that fills the context gets a clear error
-
-
-def _plan(req: CompletionRequest) -> list[_Job]:
-    do_sample = req.temperature > 0
-    sampling = SamplingParams(
-        do_sample=do_sample,
-        temperature=req.temperature if do_sample else 1.0,
-        top_k=max(req.top_k, 0),
-        top_p=req.top_p,
-        typical_p=req.typical_p,
-        repetition_penalty=req.repetition_penalty,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        seed=req.seed,
-    )
-    prompts = req.prompts
-    single = isinstance(req.prompt, str) or isinstance(req.prompt[0], int)  # errors name prompt, not prompt.N
-    jobs = []
-    for index, prompt in enumerate(prompts):
-        ids, text = _prompt_ids_and_text(prompt, -1 if single else index)
-        new_tokens = _new_tokens(req, len(ids))
-        gen.check_fits(len(ids), new_tokens, "max_tokens", req.n, status=400)
-        prompt_logprobs = req.echo and req.logprobs is not None
-        if new_tokens == 0:
-            # The engine always generates at least one token. Prompt log-probabilities come with
-            # that first token at no extra model step, so run it for them and drop its output.
-            generation = None
-            if prompt_logprobs:
-                generation = GenerationRequest(prompt_ids=tuple(ids), max_new_tokens=1, logprobs=req.logprobs,
-                                               prompt_logprobs=True)
-            jobs.append(_Job(index, ids, text, generation, keep_output=False))
-            continue
-        generation = GenerationRequest(
-            prompt_ids=tuple(ids),
-            max_new_tokens=new_tokens,
-            sampling=sampling,
-            n=req.n,
-            stop=tuple(req.stops),
-            min_new_tokens=req.min_tokens,
-            ignore_eos=req.ignore_eos,
-            logprobs=req.logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
-        jobs.append(_Job(index, ids, text, generation))
-    return jobs
-
-
-def _submit_all(jobs: list[_Job]) -> None:
+def submit_all(jobs: list[EnginePrompt]) -> None:
     """Submit every prompt at once (they batch); all or nothing when the server is full."""
     try:
         for job in jobs:
             if job.generation is not None:
                 job.handle = gen.submit(job.generation)
     except BaseException:
-        _cancel_all(jobs)
+        cancel_all(jobs)
         raise
 
 
-def _cancel_all(jobs: list[_Job]) -> None:
+def cancel_all(jobs: list[EnginePrompt]) -> None:
     for job in jobs:
         if job.handle is not None:
             job.handle.cancel()  # a no-op for a request that already finished
 
 
+def wait_all(jobs: list[EnginePrompt]) -> list:
+    """Every prompt's result (None where nothing ran); all are cancelled if the client goes away."""
+    results = []
+    try:
+        for job in jobs:
+            result = None
+            if job.handle is not None:
+                result = job.handle.result(gen.POLL_SECONDS, gen.client_connected)
+                if result is None:
+                    raise ApiError(499, "client closed the connection", code="client_closed")
+            results.append(result)
+    finally:
+        cancel_all(jobs)
+    return results
+
+
+def public_finish_reason(reason: str | None) -> str | None:
+    # "cancelled" only reaches a client that has already gone; never show it.
+    return reason if reason in (None, "stop", "length") else "stop"
+
+
+def openai_errors(blueprint: Blueprint) -> None:
+    """OpenAI's statuses on `blueprint`: its clients expect 400 (never 422) for invalid values."""
+    blueprint.register_error_handler(
+        RequestRefused, lambda exc: error_response(400, exc.message, exc.param, exc.code))
+    blueprint.register_error_handler(
+        ValidationError, lambda exc: validation_error_response(exc, status=400, with_detail=False))
+
+
 # ---- log-probabilities -------------------------------------------------------------------------
-
-
-def _backend_decode(tokenizer, ids, skip_special_tokens: bool) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-    return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 class _LogprobsBuilder:
@@ -221,7 +156,7 @@ class _LogprobsBuilder:
         self._offset = start_offset
 
     def _token(self, token_id: int) -> str:
-        return _backend_decode(self._tokenizer, [token_id], skip_special_tokens=False)
+        return backend_decode(self._tokenizer, [token_id], skip_special_tokens=False)
 
     def build(self, token_ids, logprobs: list[TokenLogprob | None] | None) -> CompletionLogprobs:
         out = CompletionLogprobs()
@@ -243,7 +178,7 @@ class _LogprobsBuilder:
         return out
 
 
-def _prompt_logprobs(job: _Job, prompt_logprobs) -> CompletionLogprobs:
+def _prompt_logprobs(job: EnginePrompt, prompt_logprobs) -> CompletionLogprobs:
     tokenizer = gen.loaded_model().tokenizer
     return _LogprobsBuilder(tokenizer, [], 0).build(job.prompt_ids, prompt_logprobs)
 
@@ -255,43 +190,27 @@ def _choice_logprobs(req: CompletionRequest, prompt_lp: CompletionLogprobs | Non
     return prompt_lp.model_copy(deep=True) if prompt_lp else CompletionLogprobs()
 
 
-def _finish_reason(reason: str | None) -> str | None:
-    # "cancelled" only reaches a client that has already gone; never show it.
-    return reason if reason in (None, "stop", "length") else "stop"
-
-
 # ---- routes -----------------------------------------------------------------------------------------
 
 
 @bp.post("/completions")
 def completions():
-    req = _parse(gen.json_body())
-    _check_limits(req)
-    jobs = _plan(req)
+    req = CompletionRequest.model_validate(gen.json_body())
+    check_model(req)
+    jobs = req.to_engine(gen.serving())
     model_id = gen.loaded_model().model_id
     response_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    _submit_all(jobs)
+    submit_all(jobs)
     if req.stream:
-        return gen.sse_response(_stream(req, jobs, response_id, created, model_id))
+        return sse_response(_stream(req, jobs, response_id, created, model_id))
     return jsonify(_complete(req, jobs, response_id, created, model_id).model_dump())
 
 
-def _complete(req: CompletionRequest, jobs: list[_Job], response_id: str, created: int,
+def _complete(req: CompletionRequest, jobs: list[EnginePrompt], response_id: str, created: int,
               model_id: str) -> CompletionResponse:
     """Wait for every prompt's result (cancelling all if the client goes away) and answer at once."""
-    results = []
-    try:
-        for job in jobs:
-            result = None
-            if job.handle is not None:
-                result = job.handle.result(gen.POLL_SECONDS, gen.client_connected)
-                if result is None:
-                    raise ApiError(499, "client closed the connection", code="client_closed")
-            results.append(result)
-    finally:
-        _cancel_all(jobs)
-
+    results = wait_all(jobs)
     tokenizer = gen.loaded_model().tokenizer
     choices, usage = [], Usage()
     for job, result in zip(jobs, results):
@@ -313,12 +232,12 @@ def _complete(req: CompletionRequest, jobs: list[_Job], response_id: str, create
                 logprobs.extend(builder.build(completion.token_ids, completion.logprobs))
             choices.append(CompletionChoice(
                 index=job.index * req.n + completion.index, text=echo + completion.text, logprobs=logprobs,
-                finish_reason=_finish_reason(completion.finish_reason) or "length",
+                finish_reason=public_finish_reason(completion.finish_reason) or "length",
             ))
     return CompletionResponse(id=response_id, created=created, model=model_id, choices=choices, usage=usage)
 
 
-def _stream(req: CompletionRequest, jobs: list[_Job], response_id: str, created: int, model_id: str):
+def _stream(req: CompletionRequest, jobs: list[EnginePrompt], response_id: str, created: int, model_id: str):
     """OpenAI's chunks: text deltas per choice, `finish_reason` on each choice's last chunk, the usage
     chunk if asked for, then `[DONE]`. Prompts are streamed one after another (they run together);
     the client going away cancels all of them."""
@@ -338,10 +257,10 @@ def _stream(req: CompletionRequest, jobs: list[_Job], response_id: str, created:
             yield chunk([], total)
         yield "[DONE]"
     finally:
-        _cancel_all(jobs)
+        cancel_all(jobs)
 
 
-def _stream_job(req: CompletionRequest, job: _Job, chunk):
+def _stream_job(req: CompletionRequest, job: EnginePrompt, chunk):
     """Yield one prompt's chunks; return its (prompt, completion) token counts, None on disconnect."""
     n = req.n
     tokenizer = gen.loaded_model().tokenizer
@@ -382,9 +301,12 @@ def _stream_job(req: CompletionRequest, job: _Job, chunk):
             continue  # nothing to show yet (e.g. text held back at a possible stop string)
         logprobs = builders[event.index].build(event.token_ids, event.logprobs) if want_logprobs else None
         item = chunk([CompletionStreamChoice(index=job.index * n + event.index, text=event.text, logprobs=logprobs,
-                                             finish_reason=_finish_reason(event.finish_reason))])
+                                             finish_reason=public_finish_reason(event.finish_reason))])
         if hold:
             held.append(item)
         else:
             yield item
     return None
+
+
+openai_errors(bp)

@@ -1,25 +1,34 @@
 """The OpenAI completions protocol (`/v1/completions`, `/v1/models`), as pydantic models.
 
 Field names, ranges and defaults are OpenAI's; the extra sampling fields (`top_k`,
-`repetition_penalty`, ...) are vLLM's, which the official clients send as extra JSON fields.
-Unknown fields are ignored, as OpenAI does. Checks that depend on the server (the model id, the
-context length, the configured limits) are made by the route, not here.
+`repetition_penalty`, `min_p`, ...) are vLLM's, which the official clients send as extra JSON
+fields. Unknown fields are ignored, as OpenAI does. `to_engine` checks a request against the
+server's limits and the model (`Serving`) and turns it into engine requests.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
-# Fields for which an explicit JSON `null` means "the default" (clients built from OpenAI's spec
-# send `null` for options left unset). `max_tokens` is not here: its `null` means "up to the context".
-_NULL_MEANS_DEFAULT = (
-    "temperature", "top_p", "n", "echo", "stream", "presence_penalty", "frequency_penalty",
-    "top_k", "repetition_penalty", "typical_p", "min_tokens", "ignore_eos",
+from app.api.protocol import (
+    INT64_MAX,
+    RequestRefused,
+    SamplingFields,
+    Serving,
+    Usage,
+    no_lone_surrogates,
+    not_a_bool,
 )
+from app.engine import GenerationRequest, RequestHandle, SamplingParams
 
 _PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of token-id lists"
+
+_NUMBERS = ("max_tokens", "temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k",
+            "typical_p", "min_tokens")
 
 
 class StreamOptions(BaseModel):
@@ -28,31 +37,28 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = False
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class OpenAIRequest(SamplingFields):
+    """The fields `/v1/completions` and `/v1/chat/completions` share, with OpenAI's names and ranges."""
+
+    # NaN and infinities (which Python's JSON parser accepts) are refused rather than handed to the sampler.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = Field(None, description="the served model's id (GET /v1/models); omitted = that model")
-    prompt: str | list[str] | list[int] | list[list[int]]
-    suffix: str | None = None
     max_tokens: int | None = Field(16, ge=0, description="null = as many as the context and MAX_NEW_TOKENS allow")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, ge=0, le=1)
     n: int = Field(1, ge=1)
-    best_of: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: StrictBool = False
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     # Extras beyond OpenAI's fields (vLLM's names).
-    top_k: int = Field(0, ge=-1, description="0 or -1 = off")
-    repetition_penalty: float = Field(1.0, gt=0, description="HF-style, 1 = off")
+    top_k: int = Field(0, ge=-1, le=INT64_MAX, description="0 or -1 = off")
     typical_p: float = Field(1.0, gt=0, le=1, description="1 = off")
     min_tokens: int = Field(0, ge=0, description="end-of-text is not allowed before this many tokens")
     ignore_eos: StrictBool = False
@@ -60,9 +66,91 @@ class CompletionRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
+        # Clients built from OpenAI's spec send `null` for options left unset: for a field that cannot
+        # be null, that means its default. Where null has a meaning of its own (`max_tokens: null` =
+        # up to the context) the field admits it and keeps it.
         if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not (v is None and k in _NULL_MEANS_DEFAULT)}
+            data = {k: v for k, v in data.items() if not (v is None and k in cls._not_nullable())}
         return data
+
+    @classmethod
+    @functools.cache
+    def _not_nullable(cls) -> frozenset[str]:
+        return frozenset(name for name, field in cls.model_fields.items()
+                         if not field.is_required() and type(None) not in get_args(field.annotation))
+
+    @field_validator(*_NUMBERS, mode="before")
+    @classmethod
+    def _not_a_bool(cls, value):
+        return not_a_bool(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, value):
+        return no_lone_surrogates(value)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("not supported by this server (leave it out or send {})")
+        return None
+
+    # Field validators (not a model validator) so that each error names its field; the fields they
+    # compare with (`n`, `max_tokens`) are declared earlier and so already validated.
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and value > max_tokens:
+            raise ValueError(f"must not exceed max_tokens ({max_tokens}); got {value}")
+        return value
+
+    @property
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def engine_sampling(self) -> SamplingParams:
+        do_sample = self.temperature > 0
+        return self.sampling(
+            do_sample=do_sample, temperature=self.temperature if do_sample else 1.0, top_k=max(self.top_k, 0),
+            top_p=self.top_p, typical_p=self.typical_p, seed=self.seed,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+        )
+
+    def generation(self, prompt_ids: list[int], new_tokens: int, stop: list[str], logprobs: int | None,
+                   prompt_logprobs: bool = False) -> GenerationRequest:
+        return GenerationRequest(
+            prompt_ids=tuple(prompt_ids), max_new_tokens=new_tokens, sampling=self.engine_sampling(), n=self.n,
+            stop=tuple(stop), min_new_tokens=self.min_tokens, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+
+@dataclass
+class EnginePrompt:
+    """One prompt of a request: what `echo` returns, and what the engine is asked to do."""
+
+    index: int  # position in the request's prompt list
+    prompt_ids: list[int]
+    prompt_text: str
+    generation: GenerationRequest | None  # None: nothing to run (max_tokens=0 without prompt logprobs)
+    keep_output: bool = True  # False: the engine ran only for the prompt's log-probabilities
+    handle: RequestHandle | None = None
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: StrictBool = False
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -72,10 +160,12 @@ class CompletionRequest(BaseModel):
             return isinstance(x, int) and not isinstance(x, bool)
 
         if isinstance(value, str):
-            return value
+            return no_lone_surrogates(value)
         if not isinstance(value, list) or not value:
             raise ValueError(f"must be {_PROMPT_SHAPES}" + ("; got an empty list" if value == [] else ""))
-        if all(isinstance(p, str) for p in value) or all(is_token(t) for t in value):
+        if all(isinstance(p, str) for p in value):
+            return no_lone_surrogates(value)
+        if all(is_token(t) for t in value):
             return value
         if all(isinstance(p, list) and p and all(is_token(t) for t in p) for p in value):
             return value
@@ -88,15 +178,6 @@ class CompletionRequest(BaseModel):
             raise ValueError("not supported: these models continue text, they cannot fill it in before a suffix")
         return None
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("not supported by this server (leave it out or send {})")
-        return None
-
-    # Field validators (not a model validator) so that each error names its field; the fields they
-    # compare with (`n`, `max_tokens`) are declared earlier and so already validated.
     @field_validator("best_of")
     @classmethod
     def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -104,14 +185,6 @@ class CompletionRequest(BaseModel):
         if value is not None and value != n:
             raise ValueError(f"must equal n ({n}) or be left out: choosing the best of more candidates than "
                              "are returned is not supported")
-        return value
-
-    @field_validator("min_tokens")
-    @classmethod
-    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
-        max_tokens = info.data.get("max_tokens")
-        if max_tokens is not None and value > max_tokens:
-            raise ValueError(f"must not exceed max_tokens ({max_tokens}); got {value}")
         return value
 
     @property
@@ -123,15 +196,44 @@ class CompletionRequest(BaseModel):
             return [list(self.prompt)]
         return list(self.prompt)
 
-    @property
-    def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+    def to_engine(self, serving: Serving) -> list[EnginePrompt]:
+        """One engine request per prompt (each with `n` sequences), checked against the server's limits."""
+        serving.check_counts(self.n, "n", self.stops)
+        limits = serving.settings
+        if len(self.prompts) > limits.max_queue:
+            # Every prompt is one engine request; more than the queue holds could never be taken at once.
+            raise RequestRefused(f"prompt: a list of {len(self.prompts)} prompts is more than this server queues at "
+                                 f"once (MAX_QUEUE={limits.max_queue}); send at most {limits.max_queue} per request",
+                                 "prompt", "too_many_prompts")
+        single = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)  # errors name prompt, not prompt.N
+        planned = []
+        for index, prompt in enumerate(self.prompts):
+            ids, text = _ids_and_text(serving, prompt, "prompt" if single else f"prompt.{index}")
+            new_tokens = self.max_tokens if self.max_tokens is not None else serving.room(len(ids), self.n)
+            serving.check_fits(len(ids), new_tokens, "max_tokens", self.n)
+            prompt_logprobs = self.echo and self.logprobs is not None
+            if new_tokens == 0:
+                # The engine always generates at least one token. Prompt log-probabilities come with
+                # that first token at no extra model step, so run it for them and drop its output.
+                generation = None
+                if prompt_logprobs:
+                    generation = GenerationRequest(prompt_ids=tuple(ids), max_new_tokens=1, logprobs=self.logprobs,
+                                                   prompt_logprobs=True)
+                planned.append(EnginePrompt(index, ids, text, generation, keep_output=False))
+                continue
+            generation = self.generation(ids, new_tokens, self.stops, self.logprobs, prompt_logprobs)
+            planned.append(EnginePrompt(index, ids, text, generation))
+        return planned
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+
+def _ids_and_text(serving: Serving, prompt: str | list[int], param: str) -> tuple[list[int], str]:
+    if isinstance(prompt, str):
+        return serving.encode(prompt), prompt
+    bad = next((t for t in prompt if not 0 <= t < serving.vocab_size), None)
+    if bad is not None:
+        raise RequestRefused(f"{param}: token id {bad} is outside this model's vocabulary (0..{serving.vocab_size - 1})",
+                             param, "invalid_token_id")
+    return list(prompt), serving.decode_tokens(prompt)
 
 
 # ---- responses ----------------------------------------------------------------------------------
@@ -158,17 +260,6 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        self.total_tokens = self.prompt_tokens + self.completion_tokens
 
 
 class CompletionResponse(BaseModel):
@@ -210,14 +301,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
