@@ -19,7 +19,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from app.model.errors import QuantizationError
-from app.model.int8 import Int8Embedding, quantize
+from app.model.int8 import Int8Embedding, Int8Linear, is_int8_linear, quantize
 from app.model.loader import load_model
 from app.settings import Settings
 from tests.conftest import ARCHITECTURES, batch_size, wait_for_exit, wait_until
@@ -62,11 +62,26 @@ def test_int8_logits_are_close_to_float32(arch, tiny_models):
     # weights now; no float32 matrix is left but the position embeddings and layer norms.
     assert not [m for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D, torch.nn.Embedding)
                 and m is not getattr(model.transformer, "wpe", None)]
-    assert "quantized" in type(model.get_output_embeddings()).__module__
+    assert is_int8_linear(model.get_output_embeddings())
     assert isinstance(model.get_input_embeddings(), Int8Embedding)
     assert model.device.type == "cpu" and loaded.dtype == torch.float32
 
-    expected, got = logits_of(reference.model), logits_of(model)
+    assert_close_to_float32(logits_of(reference.model), logits_of(model))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_maintained_kernel_computes_what_float32_does(arch, tiny_models):
+    """`torch._int_mm` layers, which serve int8 when torch no longer ships FBGEMM's dynamic quantization."""
+    reference = load_model(settings(tiny_models.folders[arch], device="cpu"))
+    model = load_model(settings(tiny_models.folders[arch], device="cpu")).model
+    quantize(model, settings(tiny_models.folders[arch], quantize="int8"), kernel="int_mm")
+    assert isinstance(model.get_output_embeddings(), Int8Linear)
+    assert not [m for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D, torch.nn.Embedding)
+                and m is not getattr(model.transformer, "wpe", None)]
+    assert_close_to_float32(logits_of(reference.model), logits_of(model))
+
+
+def assert_close_to_float32(expected: torch.Tensor, got: torch.Tensor) -> None:
     assert torch.isfinite(got).all()
     assert not torch.equal(got, expected), "nothing was quantized"
     # 8 bits keep about 2.5 significant digits per weight and activation: every logit stays within a

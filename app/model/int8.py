@@ -1,30 +1,35 @@
 """QUANTIZE=int8: serve the model with 8-bit weights, the fastest way to run it on a CPU.
 
 At load time every linear layer of the transformer blocks, and the output projection (`lm_head`),
-becomes a dynamically quantized int8 layer: its weights are stored as int8 with one scale per
-output channel; each call quantizes its input to 8 bits on the fly, multiplies in integers and
-returns float32. Decoding on a CPU is bound by reading the weights from memory every step, and
-int8 weights are a quarter of float32's; the integer kernels (AVX-512 VNNI / AVX2) also do four
-times the arithmetic per instruction, which is what counts once many rows share a step. Position
-embeddings, layer norms and attention stay in float32; the MLP's activation runs as one fused kernel
-(`_fuse_gelu`), which matters once the matrix products are this fast.
+becomes a dynamically quantized int8 layer: its weights are stored as int8 with one scale per output
+channel; each call rounds its input to 8 bits on the fly, multiplies in integers and returns float32.
+Decoding on a CPU is bound by reading the weights from memory every step, and int8 weights are a
+quarter of float32's; the integer kernels (AVX-512 VNNI / AVX2) also do four times the arithmetic per
+instruction, which is what counts once many rows share a step. Position embeddings, layer norms and
+attention stay in float32; the MLP's activation runs as one fused kernel (`_fuse_gelu`).
 
-Which implementation, and why: PyTorch's own dynamic quantization
-(`torch.ao.quantization.quantize_dynamic`, kernels from FBGEMM), measured on a 2-core x86 CPU
-against torchao 0.18 (the library PyTorch points to as its successor), on GPT-2 small. torchao's
-int8 layers are tensor subclasses written to be compiled with `torch.compile`; run eagerly, as the
-server does (batch shapes change every step, which compiling would turn into recompilations), its
-weight-only config dequantizes the whole weight matrix on every call and its dynamic-activation
-config sums the weight matrix on every call, so both decode slower than float32 on this CPU, while
-FBGEMM's prepacked kernels decode several times faster (README, "Fast CPU inference (int8)").
-`torch.ao.quantization` is deprecated and warns so; it is still shipped, and tested here, with the
-pinned torch. When a torch upgrade removes it, `quantize` refuses to start with a message that says
-so (nothing else changes), and torchao is the way forward.
+Two kernels compute the same thing (per-channel int8 weights, activations rounded to 8 bits per call):
+
+- `fbgemm`: PyTorch's dynamic quantization (`torch.ao.nn.quantized.dynamic.Linear`, FBGEMM's prepacked
+  kernels). The fastest measured here, and used while the installed torch has it; `torch.ao.quantization`
+  is deprecated and announces its removal.
+- `int_mm`: `Int8Linear`, on torch's maintained integer product `torch._int_mm`, with one activation
+  scale per row (token). Used when the installed torch has no FBGEMM dynamic quantization, so the
+  option keeps working after that removal, about half as fast at one stream on this project's
+  benchmark machine (the vocabulary-sized `lm_head` product is what it loses on).
+
+Measured in one run on a 2-core AVX-512 CPU (no AMX), GPT-2-small-sized model, time of a decoding
+step as a ratio to FBGEMM's (batch 1 / batch 16): `torch._int_mm` 0.80x / 0.56x; float32 0.35x / 0.25x;
+bfloat16 0.37x / 0.43x; torchao 0.18's `quantize_` run eagerly (the server's batch shapes change every
+step, which compiling would turn into recompilations) 0.13x / 0.10x weight-only and 0.09x / 0.12x
+dynamic. `torch._weight_int8pack_mm` (weight-only, as gpt-fast runs on CPUs) took 0.05x of FBGEMM's
+matrix-product time with float32 activations (a generic loop) and 0.42x with bfloat16 ones.
 
 `lm_head` is quantized too: for GPT-2 small it is the largest matrix of a decoding step (768 x 50257,
 38.6M of the 124M parameters, a third of every step's weight reads), so leaving it in float32 would
-cap the gain. The token embedding (tied to `lm_head` in GPT-2 and GPT-Neo) gets int8 rows of its own,
-looked up and scaled on use, so no float32 copy of the vocabulary matrix is left.
+cap the gain. The token embedding (tied to `lm_head` in GPT-2 and GPT-Neo) gets int8 rows, looked up and
+scaled on use (with the `int_mm` kernel, `lm_head`'s own int8 rows), so no float32 copy of the
+vocabulary matrix is left.
 
 Memory: the layers are converted one at a time from views of the loaded weights (no float32 copies),
 and at the end nothing points into the loaded float32 weights any more, so they are freed (or, for a
@@ -53,17 +58,24 @@ log = logging.getLogger(__name__)
 INT8_MODEL_TYPES = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "gptj": "GPT-J"}
 
 
-def quantize(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
-    """The model as QUANTIZE asks: unchanged for `none`, with int8 linear layers for `int8`."""
+def quantize(model: torch.nn.Module, settings: Settings, kernel: str = "auto") -> torch.nn.Module:
+    """The model as QUANTIZE asks: unchanged for `none`, with int8 linear layers for `int8`.
+
+    `kernel`: "fbgemm", "int_mm", or "auto" (FBGEMM where this torch has it, else `torch._int_mm`).
+    """
     if settings.quantize == "none":
         return model
     check_int8_applies(model)
+    fbgemm = _fbgemm_linear() if kernel in ("auto", "fbgemm") else None
+    if kernel == "fbgemm" and fbgemm is None:
+        raise QuantizationError(f"torch {torch.__version__} has no FBGEMM dynamic quantization")
     started = time.perf_counter()
     before = _weight_bytes(model)
-    _to_int8(model)
+    _to_int8(model, fbgemm or Int8Linear)
     log.info(
-        "QUANTIZE=int8: linear layers and lm_head hold int8 weights (%.0f MB of weights, %.0f MB in float32) "
-        "in %.2f s", _weight_bytes(model) / 1e6, before / 1e6, time.perf_counter() - started,
+        "QUANTIZE=int8: linear layers and lm_head hold int8 weights (%.0f MB of weights, %.0f MB in float32; "
+        "kernel %s) in %.2f s", _weight_bytes(model) / 1e6, before / 1e6, "fbgemm" if fbgemm else "int_mm",
+        time.perf_counter() - started,
     )
     return model
 
@@ -89,57 +101,76 @@ def check_int8_applies(model: torch.nn.Module) -> None:
             f"QUANTIZE=int8 quantizes float32 weights and computes in float32; the model was loaded as {names}. "
             "Use DTYPE=float32 (or auto) with it."
         )
-    if not hasattr(torch.backends.quantized, "supported_engines") or "fbgemm" not in torch.backends.quantized.supported_engines:
+    if _fbgemm_linear() is None and not hasattr(torch, "_int_mm"):
         raise QuantizationError(
-            "QUANTIZE=int8 needs PyTorch's x86 int8 kernels (FBGEMM), which this torch build lacks "
-            f"(quantized engines: {getattr(torch.backends.quantized, 'supported_engines', [])}). Use QUANTIZE=none."
+            f"QUANTIZE=int8 needs torch's int8 kernels (FBGEMM dynamic quantization or torch._int_mm), which "
+            f"torch {torch.__version__} lacks. Use QUANTIZE=none, or the torch version pinned in requirements.txt."
         )
 
 
-def _to_int8(model: torch.nn.Module) -> None:
-    """Swap the layers in place, one at a time, so that at most one layer's temporary copies exist."""
-    from transformers.pytorch_utils import Conv1D
-
+def _fbgemm_linear():
+    """A maker of FBGEMM dynamic int8 layers from (weight [out, in], bias), or None where torch has none."""
+    if "fbgemm" not in getattr(torch.backends.quantized, "supported_engines", []):
+        return None
     try:
         with _known_deprecations():
-            from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
             from torch.ao.quantization import per_channel_dynamic_qconfig
-    except ImportError as exc:
-        raise QuantizationError(
-            f"QUANTIZE=int8 uses torch.ao.quantization, which torch {torch.__version__} no longer has ({exc}). "
-            "Use QUANTIZE=none, or the torch version pinned in requirements.txt."
-        ) from exc
+    except ImportError:
+        return None
 
-    def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-        """`weight` [out, in] may be a view (a transposed Conv1D weight, the embedding): only the int8
-        copy is made, never a float32 one."""
+    def make(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+        """`weight` may be a view (a transposed Conv1D weight, the embedding): only the int8 copy is made."""
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
         if bias is not None:
             # The packed layer keeps the bias tensor it is given: a copy, so that nothing of the int8
             # model points into the loaded float32 weights any more (see _release_float32_weights).
             linear.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # Per-channel weight scales: each output row keeps its own range, which matters for lm_head,
-        # whose rows (one per token) differ a lot in size. Same speed as one scale per matrix.
+        # Per-channel weight scales: each output row keeps its own range (lm_head's rows differ a lot).
         linear.qconfig = per_channel_dynamic_qconfig
-        return Int8Linear.from_float(linear)
+        with _known_deprecations():
+            return DynamicLinear.from_float(linear)
+
+    return make
+
+
+def is_int8_linear(module: torch.nn.Module) -> bool:
+    """Whether a layer holds int8 weights (either kernel's)."""
+    if isinstance(module, Int8Linear):
+        return True
+    with _known_deprecations():
+        try:
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        except ImportError:
+            return False
+    return isinstance(module, DynamicLinear)
+
+
+def _to_int8(model: torch.nn.Module, int8_linear) -> None:
+    """Swap the layers in place, one at a time, so that at most one layer's temporary copies exist."""
+    from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
-    with _known_deprecations():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if child is head:
-                    continue
-                if isinstance(child, Conv1D):  # GPT-2: x @ W + b with W stored [in, out]
-                    setattr(parent, name, int8_linear(child.weight.t(), child.bias))
-                    _drop_pages(child.weight)
-                elif type(child) is torch.nn.Linear:
-                    setattr(parent, name, int8_linear(child.weight, child.bias))
-                    _drop_pages(child.weight)
-        # lm_head, from its own matrix or (GPT-2, GPT-Neo) the embedding's it is tied to.
-        model.set_output_embeddings(int8_linear(head.weight, head.bias))
-    model.set_input_embeddings(Int8Embedding(embedding.weight.detach()))
+    tied = head.weight is embedding.weight
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child is head:
+                continue
+            if isinstance(child, Conv1D):  # GPT-2: x @ W + b with W stored [in, out]
+                setattr(parent, name, int8_linear(child.weight.t(), child.bias))
+                _drop_pages(child.weight)
+            elif type(child) is torch.nn.Linear:
+                setattr(parent, name, int8_linear(child.weight, child.bias))
+                _drop_pages(child.weight)
+    # lm_head, from its own matrix or (GPT-2, GPT-Neo) the embedding's it is tied to.
+    int8_head = int8_linear(head.weight, head.bias)
+    model.set_output_embeddings(int8_head)
+    if tied and isinstance(int8_head, Int8Linear):  # the same int8 rows serve both
+        model.set_input_embeddings(Int8Embedding(int8_head.weight, int8_head.scales))
+    else:
+        model.set_input_embeddings(Int8Embedding(*quantize_rows(embedding.weight.detach())))
     _drop_pages(head.weight)
     _drop_pages(embedding.weight)
     _release_float32_weights(model)
@@ -162,25 +193,70 @@ def _fuse_gelu(model: torch.nn.Module) -> None:
                 setattr(parent, name, GELUTanh())
 
 
+def quantize_rows(weight: torch.Tensor, rows_at_once: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [rows, columns] as int8 with one float32 scale per row (symmetric, absolute maximum -> 127).
+
+    Per-row scales keep each output channel's own range, which matters for lm_head, whose rows (one per
+    token) differ a lot in size. Converted in slices of rows: float32 temporaries of the whole matrix
+    would briefly double its memory.
+    """
+    int8 = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32)
+    with torch.no_grad():
+        for first in range(0, weight.shape[0], rows_at_once):
+            rows = weight[first:first + rows_at_once].to(torch.float32)
+            scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127
+            scales[first:first + rows_at_once] = scale
+            int8[first:first + rows_at_once] = torch.round(rows / scale[:, None]).to(torch.int8)
+    return int8, scales
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x W^T + b with W held as int8 rows and one float32 scale per row (per output channel)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """`weight` [out, in] may be a view (a transposed Conv1D weight, the embedding): only the int8 copy
+        is made, never a float32 one. The bias is copied, so that nothing of the int8 model points into
+        the loaded float32 weights any more (see _release_float32_weights)."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        int8, scales = quantize_rows(weight.detach())
+        self.register_buffer("weight", int8)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        # Multiplied as [in, out]: torch's int8 product is fastest with the transposed view of [out, in] rows.
+        self.weight_t = int8.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Dynamic quantization of the activations, one scale per row (token): each row is rounded to 8 bits
+        # on its own range, so one long-tailed token does not coarsen the others.
+        flat = x.reshape(-1, self.in_features)
+        row_scales = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127)
+        quantized = torch.round(flat / row_scales).to(torch.int8)
+        out = torch._int_mm(quantized, self.weight_t).to(torch.float32)
+        out *= row_scales
+        if self.bias is None:
+            out *= self.scales
+        else:
+            out = torch.addcmul(self.bias, out, self.scales)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, dtype=int8"
+
+
 class Int8Embedding(torch.nn.Module):
     """The token embedding with int8 rows (one float32 scale per row), looked up and scaled on use.
 
     A lookup reads a few rows per step, so this costs no time; it saves three quarters of the largest
-    float32 matrix left (GPT-2 small: 154 MB -> 39 MB).
+    float32 matrix left (GPT-2 small: 154 MB -> 39 MB), or all of it where the rows are lm_head's own.
     """
 
-    def __init__(self, weight: torch.Tensor, rows_at_once: int = 4096):
+    def __init__(self, int8_weight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = weight.shape
-        self.register_buffer("int8_weight", torch.empty(weight.shape, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty((weight.shape[0], 1), dtype=torch.float32))
-        with torch.no_grad():
-            # In slices of rows: float32 temporaries of the whole matrix would briefly double its memory.
-            for first in range(0, self.num_embeddings, rows_at_once):
-                rows = weight[first:first + rows_at_once]
-                scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-                self.scale[first:first + rows_at_once] = scale
-                self.int8_weight[first:first + rows_at_once] = torch.round(rows / scale).to(torch.int8)
+        self.num_embeddings, self.embedding_dim = int8_weight.shape
+        self.register_buffer("int8_weight", int8_weight)
+        self.register_buffer("scale", scales.view(-1, 1))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.int8_weight[input_ids].to(torch.float32) * self.scale[input_ids]
@@ -239,14 +315,12 @@ def _known_deprecations():
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights the model holds: float32 parameters, int8 embeddings, and one byte per weight
-    plus a float32 scale and bias per output channel of each int8 layer (computed: unpacking copies)."""
-    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
-
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the weights the model holds: parameters and buffers (int8 matrices, scales), each once, plus
+    one byte per weight and a float32 scale and bias per output channel of each FBGEMM layer (computed:
+    unpacking its weights would copy them)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
     for module in model.modules():
-        if isinstance(module, Int8Linear):
+        if is_int8_linear(module) and not isinstance(module, Int8Linear):
             total += module.in_features * module.out_features + 8 * module.out_features
-        elif isinstance(module, Int8Embedding):
-            total += sum(b.numel() * b.element_size() for b in module.buffers())
     return total
