@@ -23,6 +23,7 @@ import math
 import operator
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +38,7 @@ import torch
 import yaml
 
 from app.settings import Settings, load_settings
-from tests.conftest import inprocess_settings, wait_until
+from tests.conftest import free_port, inprocess_settings, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -583,3 +584,98 @@ def test_readiness_fails_while_draining_and_the_server_exits_within_the_grace_pe
     graceful = float(cpu.env["GRACEFUL_TIMEOUT"])
     # Exits by itself, before the kubelet's SIGKILL at the end of the grace period would come.
     assert server.process.wait(graceful) == 0
+
+
+# ------------------------------------------------------------------ the image under the pod's settings
+
+
+def docker_engine_answers() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+def docker_run_flags(rendering: Rendering, secret_dir: Path, port: int) -> list[str]:
+    """`docker run` options doing what the kubelet does with the CPU overlay's pod (but the CPU limit,
+    which may exceed the machine's CPUs)."""
+    pod, container = rendering.pod, rendering.container
+    pod_security, security = pod["securityContext"], container["securityContext"]
+    flags = ["--user", f"{security['runAsUser']}:{security['runAsGroup']}",
+             "--group-add", str(pod_security["fsGroup"]),
+             "--cap-drop", "ALL", "--stop-timeout", str(pod["terminationGracePeriodSeconds"]),
+             "--memory", str(parse_quantity(container["resources"]["limits"]["memory"])),
+             "-p", f"127.0.0.1:{port}:{container['ports'][0]['containerPort']}"]
+    if security["readOnlyRootFilesystem"]:
+        flags.append("--read-only")
+    if security["allowPrivilegeEscalation"] is False:
+        flags += ["--security-opt", "no-new-privileges"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "emptyDir" in volume:
+            flags += ["--tmpfs", f"{mount['mountPath']}:rw,size={parse_quantity(volume['emptyDir']['sizeLimit'])}"]
+        else:  # the Secret, as the kubelet writes it: owned by root and the fsGroup, with its defaultMode
+            for item in volume["secret"]["items"]:
+                path = secret_dir / item["path"]
+                os.chown(path, 0, pod_security["fsGroup"])
+                os.chmod(path, volume["secret"]["defaultMode"])
+            flags += ["-v", f"{secret_dir}:{mount['mountPath']}:ro"]
+    for name, value in rendering.env.items():
+        flags += ["-e", f"{name}={value}"]
+    return flags
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_the_cpu_image_serves_and_drains_under_the_pods_security_context(rendered, tmp_path):
+    """The CPU image, built offline with a tiny model, run as the pod runs it: its uid and groups,
+    read-only root filesystem with only the pod's scratch volumes writable, no capabilities, the
+    Secret's key file, the memory and CPU limits; it serves, and exits 0 within the grace period."""
+    if not docker_engine_answers():
+        pytest.skip("no Docker engine answers `docker info` (scripts/ci_docker_setup.sh starts one)")
+    models = ROOT / "build" / "models" / "k8s-test"  # the build context admits build/models/
+    image = f"huggingface-gpt-k8s-test:{os.getpid()}"
+    container = f"huggingface-gpt-k8s-test-{os.getpid()}"
+    build_args = {"MODEL_ID": "test-org/tiny-gpt2", "MODEL_SOURCE": "build/models/k8s-test/gpt2"}
+    if run(["docker", "image", "inspect", "local/python-base:3.11"]).returncode == 0:
+        build_args["BASE_IMAGE"] = "local/python-base:3.11"  # scripts/ci_docker_setup.sh makes it
+    if any((ROOT / "build/wheelhouse/cpu").glob("torch-*.whl")):
+        build_args["WHEELHOUSE"] = "build/wheelhouse/cpu"
+    try:
+        made = run([sys.executable, "scripts/make_tiny_models.py", str(models), "--only", "gpt2"])
+        assert made.returncode == 0, made.stderr
+        build = run(["docker", "buildx", "build", "--load", "-f", "Dockerfile.cpu", "-t", image,
+                     *[arg for key, value in build_args.items() for arg in ("--build-arg", f"{key}={value}")], "."],
+                    env={**os.environ, "DOCKER_BUILDKIT": "1"})
+        assert build.returncode == 0, build.stderr[-4000:]
+
+        secret_dir = tmp_path / "secret"
+        secret_dir.mkdir()
+        (secret_dir / "api-keys").write_text("client-key-0123\nmetrics-key-4567\n")
+        port = free_port()
+        started = run(["docker", "run", "-d", "--name", container, *docker_run_flags(rendered["cpu"], secret_dir, port),
+                       image])
+        assert started.returncode == 0, started.stderr
+        url = f"http://127.0.0.1:{port}"
+        logs = lambda: run(["docker", "logs", container]).stdout + run(["docker", "logs", container]).stderr
+        running = lambda: run(["docker", "inspect", "--format", "{{.State.Running}}", container]).stdout.strip() == "true"
+        assert wait_until(lambda: not running() or http_probe(url, "/health", 4) == 200, 300) and running(), logs()
+
+        answer = requests.post(url + "/v1/completions", headers={"Authorization": "Bearer client-key-0123"},
+                               json={"prompt": "Hello", "max_tokens": 8, "seed": 7}, timeout=120)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 8, answer.text
+        assert requests.post(url + "/v1/completions", json={"prompt": "Hello"}, timeout=30).status_code == 401
+        assert "gpt_server_queue_size" in scrape(url, "metrics-key-4567")
+
+        grace = rendered["cpu"].pod["terminationGracePeriodSeconds"]
+        stopped = run(["docker", "stop", "--time", str(grace), container])
+        assert stopped.returncode == 0
+        exit_code = run(["docker", "inspect", "--format", "{{.State.ExitCode}}", container]).stdout.strip()
+        output = logs()
+        assert exit_code == "0", output[-4000:]
+        assert "Read-only file system" not in output and "Permission denied" not in output, output[-4000:]
+    finally:
+        run(["docker", "rm", "--force", container])
+        run(["docker", "image", "rm", "--force", image])
+        shutil.rmtree(models, ignore_errors=True)
