@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
     app_metrics.watch(engine)
 
     app = Flask(__name__, static_folder=None)  # app/static/ is served by the playground, with its headers
+    # A doubled slash is answered 404 JSON like any unknown path, not redirected with an HTML page.
+    app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["settings"] = settings
@@ -85,7 +87,8 @@ def _build_engine(settings: Settings, observer: EngineObserver,
     try:
         plan = plan_fit(settings)
         settings = settings.model_copy(
-            update={"max_batch_size": plan.max_batch_size, "max_batch_tokens": plan.max_batch_tokens})
+            update={"max_batch_size": plan.max_batch_size, "max_batch_tokens": plan.max_batch_tokens,
+                    "quantize": plan.quantize})  # QUANTIZE=auto as it applies here: int8 or none
     except ModelLoadError as exc:
         refusal = exc
 
@@ -134,7 +137,9 @@ def _log_limits(settings: Settings) -> None:
         "max_queue": settings.max_queue,
         "queue_timeout": settings.queue_timeout,
         "max_body_bytes": settings.max_body_bytes,
-        "http_threads": settings.http_threads,
+        "max_connections": settings.max_connections,
+        "header_timeout": settings.header_timeout,
+        "body_timeout": settings.body_timeout,
         "graceful_timeout": settings.graceful_timeout,
     }
     log.info(
