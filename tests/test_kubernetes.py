@@ -36,6 +36,7 @@ import pytest
 import requests
 import torch
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings, load_settings
 from tests.conftest import free_port, inprocess_settings, wait_until
@@ -373,20 +374,14 @@ def selectors(query: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def scrape(url: str, key: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """/metrics as Prometheus reads it: metric name -> [(labels, value)], and the declared types."""
+    """/metrics as Prometheus reads it: sample name -> [(labels, value)], and "__types__": the families' types."""
     response = requests.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10)
     assert response.status_code == 200
-    samples: dict[str, list] = {}
-    types = {}
-    for line in response.text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, metric, kind = line.split()
-            types[metric] = kind
-        elif line and not line.startswith("#"):
-            match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
-            samples.setdefault(match[1], []).append((labels, float(match[3])))
-    samples["__types__"] = types
+    samples: dict[str, list] = {"__types__": {}}
+    for family in text_string_to_metric_families(response.text):
+        samples["__types__"][family.name] = family.type
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
 
 
