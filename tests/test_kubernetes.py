@@ -7,9 +7,11 @@
   the Prometheus Operator's ServiceMonitor) are checked for what their operators need;
 - the security scanner (checkov) finds nothing, and every check skipped in a manifest says why;
 - the real server agrees with the manifests: each probe answers as Kubernetes expects (ready, busy
-  with every HTTP thread taken, loading, draining), the autoscaler's metrics exist in /metrics with
+  with every connection taken, loading, draining), the autoscaler's metrics exist in /metrics with
   the labels its queries use and move with the load, every environment variable is a real setting
-  with a valid value, the container port is the server's, the grace period outlasts GRACEFUL_TIMEOUT.
+  with a valid value, the container port is the server's, the grace period outlasts GRACEFUL_TIMEOUT;
+- with a Docker engine (marked `docker`), the CPU image serves and drains under the pod's security
+  context, volumes, Secret file and memory limit.
 
 The tools are installed by `bash scripts/k8s_tools.sh` (CI runs it); without them these tests are
 skipped outside CI and fail in it.
@@ -71,8 +73,8 @@ def tool(name: str) -> str:
     return str(path)
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, **kwargs)
+def run(cmd: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ renderings
@@ -245,6 +247,18 @@ def test_the_security_scanner_passes_and_every_skip_says_why(rendered):
         check, _, reason = value.partition("=")
         assert len(reason.split()) >= 5, f"{check} is skipped without a reason"
     assert skipped == {value.partition("=")[0] for value in annotations.values()}
+
+
+def test_the_scanner_catches_a_writable_root_filesystem(rendered, tmp_path):
+    """The scan above can fail: the same Deployment with a writable root filesystem is reported."""
+    broken = rendered["cpu"].text.replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false")
+    assert broken != rendered["cpu"].text
+    (tmp_path / "broken.yaml").write_text(broken)
+    result = run([tool("checkov"), "--framework", "kubernetes", "--skip-download", "--compact", "-o", "json",
+                  "-f", str(tmp_path / "broken.yaml")], env={**os.environ, "LOG_LEVEL": "ERROR"})
+    report = json.loads(result.stdout)
+    assert result.returncode != 0
+    assert "CKV_K8S_22" in {c["check_id"] for c in report["results"]["failed_checks"]}
 
 
 # ----------------------------------------------------------------------- manifests versus the image
@@ -642,7 +656,7 @@ def test_the_cpu_image_serves_and_drains_under_the_pods_security_context(rendere
         assert made.returncode == 0, made.stderr
         build = run(["docker", "buildx", "build", "--load", "-f", "Dockerfile.cpu", "-t", image,
                      *[arg for key, value in build_args.items() for arg in ("--build-arg", f"{key}={value}")], "."],
-                    env={**os.environ, "DOCKER_BUILDKIT": "1"})
+                    env={**os.environ, "DOCKER_BUILDKIT": "1"}, timeout=1800)
         assert build.returncode == 0, build.stderr[-4000:]
 
         secret_dir = tmp_path / "secret"
