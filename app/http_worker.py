@@ -98,8 +98,15 @@ class Worker(GeventWorker):
     def _close_idle_connections(self) -> None:
         """End every kept-alive connection waiting for its next request (its timer, raised in it,
         ends the wait quietly and gunicorn closes the connection)."""
+        loop = gevent.get_hub().loop
         for greenlet, timer in list(self._waiting_for_request.items()):
-            greenlet.kill(timer, block=False)
+            loop.run_callback(self._end_wait, greenlet, timer)
+
+    def _end_wait(self, greenlet, timer) -> None:
+        # On the hub, so nothing runs in between: only a connection still waiting is ended, never one
+        # that has meanwhile begun a request.
+        if self._waiting_for_request.get(greenlet) is timer:
+            greenlet.throw(timer)
 
 
 class _WaitForRequest:

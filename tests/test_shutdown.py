@@ -156,3 +156,15 @@ def test_idle_server_exits_with_0(start_server):
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0
     assert new_connection_outcome(server) == "refused"
+
+
+def test_idle_kept_alive_connections_do_not_hold_up_the_exit(start_server):
+    server = start_server(HEADER_TIMEOUT=600)  # an idle connection would otherwise stay open for 10 minutes
+    idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    idle.request("GET", "/health")
+    assert idle.getresponse().read() and idle.sock is not None  # answered, and kept alive
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0
+    assert idle.sock.recv(1) == b""  # closed by the server, quietly
+    idle.close()
+    assert " ERROR " not in server.log and "Traceback" not in server.log, server.log
