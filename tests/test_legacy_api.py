@@ -187,6 +187,13 @@ def test_top_k(live_api, reference):
     assert any(sample(live_api, seed, top_k=0) != sample(live_api, seed) for seed in (1, 2, 3))
 
 
+def test_min_p(live_api, reference):
+    """min_p=1 keeps only the tokens as likely as the most likely one: hot sampling becomes greedy."""
+    greedy = reference().greedy(SHORT, max_length=24)
+    assert sample(live_api, 3, min_p=1.0, temperature=2.0, top_k=0) == greedy
+    assert sample(live_api, 3, min_p=0.8, top_k=0) == sample(live_api, 3, min_p=0.8, top_k=0)
+
+
 def test_temperature(live_api, reference):
     greedy = reference().greedy(SHORT, max_length=24)
     assert sample(live_api, 5, temperature=1e-5) == greedy
@@ -383,6 +390,14 @@ OUT_OF_RANGE = [
     ({"typical_p": -1}, "typical_p", "0"),
     ({"seed": -1}, "seed", "0"),
     ({"seed": 2**64}, "seed", "9223372036854775807"),
+    # Per request, before the engine: none of these may fail a neighbour in the same batch.
+    ({"repetition_penalty": 5e-324}, "repetition_penalty", "0.01"),
+    ({"repetition_penalty": 1e9}, "repetition_penalty", "100"),
+    ({"top_k": 2**63}, "top_k", "9223372036854775807"),
+    ({"min_p": 1.5}, "min_p", "1"),
+    ({"min_p": -0.1}, "min_p", "0"),
+    ({"text": {"plain": "lone \ud800 surrogate"}}, "text.plain", "surrogate"),
+    ({"stop": ["fine", "\udfff"]}, "stop", "surrogate"),
 ]
 
 TEXT_SHAPES = [

@@ -559,6 +559,8 @@ def test_min_p_is_passed_on_and_seeded(client, model):
     ({"min_p": True}, "min_p"),
     ({"repetition_penalty": float("inf")}, "repetition_penalty"),
     ({"repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty"),  # would make the logits infinite
+    ({"repetition_penalty": 1e300}, "repetition_penalty"),
     ({"temperature": float("nan")}, "temperature"),
     ({"seed": 2**64}, "seed"),
     ({"stop": ["x" * 257]}, "stop"),

@@ -98,8 +98,11 @@ def no_lone_surrogates(value: Any) -> Any:
 class SamplingFields(BaseModel):
     """Sampling controls with the same name, range and default in both APIs (vLLM's names)."""
 
-    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False,
-                                      description="HF-style, over prompt and output; 1 = off, > 1 discourages repeats")
+    # Bounded so that dividing or multiplying a logit by it stays finite even in float16 (a penalty
+    # of 5e-324 would turn logits into infinities and the sampler's probabilities into NaN).
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, allow_inf_nan=False,
+                                      description="HF-style, over prompt and output, 0.01 to 100; 1 = off, > 1 "
+                                                  "discourages repeats")
     min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                          description="drop tokens less likely than min_p times the most likely one; 0 = off")
 
