@@ -306,7 +306,7 @@ def project(models, request):
         yield proj
     finally:
         proj.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", check=False)
-        for image in proj.images:
+        for image in [*proj.images, f"{name}:cpu"]:  # the tag too: a build whose start failed
             run(["docker", "image", "rm", "--force", image], check=False)
 
 
@@ -495,11 +495,14 @@ def cuda_image(models, request):
         run(["docker", "image", "rm", "--force", image], check=False)
 
 
+# The libraries `import torch` loads (libtorch_cuda.so and what it links to) must all resolve. Only
+# libtorch_cuda_linalg.so may lack cuSOLVER: torch opens it on the first torch.linalg call on a GPU,
+# which the server never makes.
 CUDA_PROBE = """
-import glob, os, subprocess, torch
+import os, subprocess, torch
 lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-missing = [line.split()[0] for so in glob.glob(lib + "/libtorch_cuda*.so") + [lib + "/libtorch_python.so"]
-           for line in subprocess.run(["ldd", so], capture_output=True, text=True).stdout.splitlines()
+missing = [line.split()[0] for so in ("libtorch_cuda.so", "libc10_cuda.so", "libtorch_python.so")
+           for line in subprocess.run(["ldd", os.path.join(lib, so)], capture_output=True, text=True).stdout.splitlines()
            if "not found" in line]
 print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version(), torch.cuda.is_available(),
       ",".join(sorted(set(missing))) or "-", " ".join(torch._C._cuda_getArchFlags().split()))
