@@ -43,9 +43,11 @@ class Settings(BaseSettings):
         "auto", description="precision of the weights and the computation: auto = bfloat16 on GPUs that support it "
         "(float16 on older ones), float32 on the CPU (bfloat16 when float32 does not fit); float16 is refused on the CPU",
     )
-    quantize: Literal["none", "int8"] = Field(
-        "none", description="int8: linear layers with int8 weights, the fastest way to serve on a CPU "
-        "(CPU and float32 only; see app/model/int8.py)",
+    quantize: Literal["none", "int8", "auto"] = Field(
+        "none", description="int8: linear layers with int8 weights, the fastest way to serve on a CPU (CPU and "
+        "float32 only; see app/model/int8.py); auto: int8 where it applies (on the CPU, float32 weights, GPT-2, "
+        "GPT-Neo or GPT-J), none elsewhere (GPUs, DTYPE=bfloat16); none: the weights as loaded (float32 on the CPU "
+        "computes what transformers does, bit for bit)",
     )
 
     # Memory: what the model may use, and what happens when it does not fit (see app/model/fit.py).

@@ -1,4 +1,4 @@
-"""How much QUANTIZE=int8 changes what a trained model predicts: perplexity and greedy agreement.
+"""How much QUANTIZE=int8 (and DTYPE=bfloat16) change what a trained model predicts: perplexity and greedy agreement.
 
     python scripts/quality_int8.py                    # train (once, minutes on 2 cores), then compare
     python scripts/quality_int8.py --train-steps 1000 --retrain   # a longer-trained model
@@ -8,10 +8,11 @@ first trains a small GPT-2 on text every Python installation has: the standard l
 code and docstrings. Nothing is downloaded; the model and its tokenizer are kept in a cache folder
 (default .cache/quality-int8, outside version control) and reused by later runs.
 
-Then it loads that model twice through the server's own loader, float32 (QUANTIZE=none) and int8
-(QUANTIZE=int8), and scores source files the training never saw (one file in ten is held out):
+Then it loads that model through the server's own loader as float32 (QUANTIZE=none), int8 (QUANTIZE=int8,
+with each of its two kernels) and bfloat16 (DTYPE=bfloat16), and scores source files the training never
+saw (one file in ten is held out):
 
-- perplexity of each, and their ratio (the check: int8 within 3 % of float32);
+- perplexity of each, and its ratio to float32's (the check: every one within 1 % of float32);
 - greedy agreement: how often int8's most likely next token is float32's;
 - top-1 accuracy of each against the real next token.
 
@@ -36,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONTEXT = 256
 VOCAB = 8192
 SKIPPED_FOLDERS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
-MAX_PERPLEXITY_RATIO = 1.03
+MAX_PERPLEXITY_RATIO = 1.01
 
 
 # ---- text ----------------------------------------------------------------------------------------
@@ -152,15 +153,22 @@ def compare(folder: pathlib.Path, windows_wanted: int, batch_size: int, threads:
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from app.model.int8 import quantize
     from app.model.loader import load_model
     from app.settings import Settings
 
+    def load(dtype: str = "float32", quantize: str = "none"):
+        return load_model(Settings(_env_file=None, model_id=str(folder), device="cpu", dtype=dtype, quantize=quantize,
+                                   fit_check=False))
+
     torch.set_num_threads(threads)
     _, held_out = source_files()
-    loaded = {q: load_model(Settings(_env_file=None, model_id=str(folder), device="cpu", dtype="float32", quantize=q,
-                                     fit_check=False))
-              for q in ("none", "int8")}
-    ids = token_stream(loaded["none"].tokenizer, read(held_out))
+    int8_settings = Settings(_env_file=None, model_id=str(folder), quantize="int8")
+    models = {"float32": load(), "int8": load(quantize="int8"), "bfloat16": load(dtype="bfloat16"),
+              "int8 int_mm": quantize(load().model, int8_settings, kernel="int_mm")}
+    tokenizer = models["float32"].tokenizer
+    models = {label: getattr(m, "model", m) for label, m in models.items()}
+    ids = token_stream(tokenizer, read(held_out))
     windows = ids[: len(ids) // CONTEXT * CONTEXT].view(-1, CONTEXT)
     order = random.Random(0).sample(range(len(windows)), min(windows_wanted, len(windows)))
     windows = windows[sorted(order)]
@@ -168,23 +176,26 @@ def compare(folder: pathlib.Path, windows_wanted: int, batch_size: int, threads:
           f"({windows.numel() / 1e3:.0f} k tokens), batches of {batch_size}")
 
     results = {}
-    runs = [("float32", "none", batch_size), ("int8", "int8", batch_size)]
+    runs = [(label, label, batch_size) for label in models]
     if batch_size > 1:
         runs.append(("int8 alone", "int8", 1))
-    for label, q, size in runs:
+    for label, model, size in runs:
         started = time.perf_counter()
-        nll, count, argmax, correct = score(loaded[q].model, windows, size)
+        nll, count, argmax, correct = score(models[model], windows, size)
         results[label] = (math.exp(nll / count), argmax, correct / count)
         print(f"  {label:>10} (batches of {size}): perplexity {results[label][0]:.3f}, "
               f"top-1 accuracy {results[label][2]:.2%} ({time.perf_counter() - started:.1f} s)", flush=True)
     float32, int8 = results["float32"], results["int8"]
-    ratio = int8[0] / float32[0]
-    ok = ratio <= MAX_PERPLEXITY_RATIO
     print()
-    print(f"perplexity: float32 {float32[0]:.3f}, int8 {int8[0]:.3f}, int8/float32 = {ratio:.4f} "
-          f"({(ratio - 1) * 100:+.2f} %; limit +{(MAX_PERPLEXITY_RATIO - 1) * 100:.0f} %) {'OK' if ok else 'FAILED'}")
-    print(f"greedy next-token agreement int8 vs float32: {(int8[1] == float32[1]).float().mean().item():.2%} "
-          f"of {int8[1].numel()} positions")
+    ok = True
+    for label in ("int8", "int8 int_mm", "bfloat16"):
+        other = results[label]
+        ratio = other[0] / float32[0]
+        ok = ok and ratio <= MAX_PERPLEXITY_RATIO
+        print(f"perplexity: float32 {float32[0]:.3f}, {label} {other[0]:.3f}, ratio {ratio:.4f} "
+              f"({(ratio - 1) * 100:+.2f} %; limit +{(MAX_PERPLEXITY_RATIO - 1) * 100:.0f} %) "
+              f"{'OK' if ratio <= MAX_PERPLEXITY_RATIO else 'FAILED'}; greedy next-token agreement with float32 "
+              f"{(other[1] == float32[1]).float().mean().item():.2%} of {other[1].numel()} positions")
     if "int8 alone" in results:
         # The int8 layers quantize each call's activations with one scale for the whole batch, so a row's
         # logits depend a little on the rows beside it; this says how often that changes the greedy token.

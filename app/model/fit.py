@@ -20,6 +20,7 @@ from app.model.device import (
 )
 from app.model.errors import ModelLoadError, device_setting, offload_on_cpu_message
 from app.model.files import load_config
+from app.model.int8 import resolve_quantize
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ class FitPlan:
     lowered: bool = False  # the batch limits are below the configured ones
     device_map: dict | None = None  # OFFLOAD=auto: module -> GPU index or "cpu"
     offloaded_bytes: int = 0  # weights kept in CPU RAM
+    quantize: str = "none"  # QUANTIZE as it applies to this device and dtype ("auto" resolved)
 
     def describe(self) -> str:
         text = (
@@ -226,7 +228,8 @@ def plan_fit(settings: Settings, config=None) -> FitPlan:
     dtype = resolve_dtype(settings.dtype, device)
     shape = model_shape(config)
     budget = memory_budget(device, settings)
-    return plan_for(settings, shape, device, dtype, budget, config)
+    plan = plan_for(settings, shape, device, dtype, budget, config)
+    return replace(plan, quantize=resolve_quantize(settings.quantize, device.type, plan.dtype, shape.model_type))
 
 
 def plan_for(settings: Settings, shape: ModelShape, device: torch.device, dtype: torch.dtype,

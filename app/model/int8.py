@@ -65,6 +65,10 @@ def quantize(model: torch.nn.Module, settings: Settings, kernel: str = "auto") -
     """
     if settings.quantize == "none":
         return model
+    if settings.quantize == "auto":
+        parameter = next(model.parameters())
+        if resolve_quantize("auto", parameter.device.type, parameter.dtype, model.config.model_type) == "none":
+            return model
     check_int8_applies(model)
     fbgemm = _fbgemm_linear() if kernel in ("auto", "fbgemm") else None
     if kernel == "fbgemm" and fbgemm is None:
@@ -78,6 +82,14 @@ def quantize(model: torch.nn.Module, settings: Settings, kernel: str = "auto") -
         time.perf_counter() - started,
     )
     return model
+
+
+def resolve_quantize(setting: str, device_type: str, dtype: torch.dtype, model_type: str) -> str:
+    """What QUANTIZE means for this model on this device: `auto` is int8 where int8 applies, else none."""
+    if setting != "auto":
+        return setting
+    applies = device_type == "cpu" and dtype == torch.float32 and model_type in INT8_MODEL_TYPES
+    return "int8" if applies else "none"
 
 
 def check_int8_applies(model: torch.nn.Module) -> None:
