@@ -230,3 +230,13 @@ def test_the_settings_reference_is_up_to_date():
     text = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8")
     for name, field in Settings.model_fields.items():
         assert f"| `{name.upper()}` |" in text, name
+
+
+def test_the_server_process_imports_neither_torch_nor_transformers_before_it_forks():
+    """The gunicorn master reads the settings and runs the pre-fork checks only: torch and transformers
+    there would stay resident (a few hundred MB) in a process that serves no request."""
+    code = ("import sys, app.settings, app.__main__; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
