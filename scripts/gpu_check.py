@@ -245,44 +245,47 @@ def check_greedy(work: pathlib.Path, device: str, dtype: str) -> list[Line]:
 
 
 def check_8gb(work: pathlib.Path, device: str, smoke: bool) -> list[Line]:
-    from bench_models import MODELS, make_model as make_shaped, write_random_checkpoint
+    """Both models written in float16 straight to disk (never a float32 copy), with the tiny tokenizer,
+    at their real shapes; in a smoke run at a toy size, served in float32 (the CPU cannot serve float16)."""
+    import requests
+    from bench_models import MODELS, make_config as shaped_config, write_random_checkpoint
+    from make_tiny_models import make_config as toy_config, make_tokenizer
 
+    tokenizer = make_tokenizer()
     lines = []
-    cases = [("gpt-neo-2.7B", {}), ("gpt-j-6B", {"OFFLOAD": "auto"})]
-    for name, extra in cases:
+    for name, extra in (("gpt-neo-2.7B", {}), ("gpt-j-6B", {"OFFLOAD": "auto"})):
         folder = work / name
+        check = f"8 GiB: {name}" + (" OFFLOAD=auto" if extra else "")
         started = time.perf_counter()
         if smoke:
-            # The same writer, in float16, at a toy size: the CPU cannot serve float16.
-            from make_tiny_models import make_config
             arch = {"gpt_neo": "gpt-neo", "gptj": "gptj"}[MODELS[name]["model_type"]]
-            size = write_random_checkpoint(folder, make_config(arch, 1024, 0), "float16")
-            lines.append(Line(f"8 GiB: {name}", f"{name}-shaped writer (toy size)", "float16",
-                              f"wrote {size / 1e6:.1f} MB in float16; serving needs a GPU"))
-            continue
-        size = make_shaped(name, folder)
-        made = time.perf_counter() - started
+            config = toy_config(arch, len(tokenizer), tokenizer.eos_token_id)
+        else:
+            config = shaped_config(name, tokenizer.eos_token_id)
+        size = write_random_checkpoint(folder, config, "float16")
+        tokenizer.save_pretrained(folder)
+        shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+        model = f"{name}-shaped ({shown} float16, written in {time.perf_counter() - started:.0f} s)"
+        # A smoke run serves the toy checkpoint in float32 on the CPU: the same loading and requests.
+        settings = {"MEMORY_LIMIT": CAP, **extra} if not smoke else {}
         with GpuMemory(device) as memory:
             try:
-                server = serve(folder, device, "float16", MEMORY_LIMIT=CAP, **extra)
+                server = serve(folder, device, "float32" if smoke else "float16", **settings)
             except (RuntimeError, TimeoutError) as exc:
-                lines.append(Line(f"8 GiB: {name}", f"{name}-shaped ({size / 2**30:.1f} GiB)", "float16",
-                                  f"FAILED to start: {exc}"))
+                lines.append(Line(check, model, "float16", f"FAILED to start: {exc}"))
                 continue
             try:
-                import requests
-
                 health = requests.get(server.url + "/health", timeout=30).json()
                 _, tokens, seconds = complete(server.url, 16, temperature=0.6)
             finally:
                 server.stop()
         log = pathlib.Path(server.log.name).read_text(errors="replace")
         offloaded = re.search(r"([\d.]+ \w*B) of weights in CPU RAM", log)
-        where = f"{offloaded.group(1)} offloaded" if offloaded else "all on the GPU"
-        lines.append(Line(f"8 GiB: {name}" + (" OFFLOAD=auto" if extra else ""),
-                          f"{name}-shaped ({size / 2**30:.1f} GiB, made in {made:.0f} s)", health.get("dtype", "?"),
-                          f"serves on {health.get('device')}, {where}; {tokens / seconds:.1f} tok/s; "
-                          f"peak GPU {memory.peak} MiB"))
+        on_gpu = str(health.get("device", "")).startswith("cuda")
+        where = f"{offloaded.group(1)} offloaded" if offloaded else ("all on the GPU" if on_gpu else "in RAM")
+        lines.append(Line(check, model, health.get("dtype", "?"),
+                          f"serves on {health.get('device')}, {where}; {tokens / seconds:.1f} tok/s"
+                          + (f"; peak GPU {memory.peak} MiB" if memory.enabled else "")))
         print(f"gpu_check: {name} done", flush=True)
     return lines
 
