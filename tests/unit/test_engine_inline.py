@@ -13,6 +13,7 @@ from app.engine.request import (
     Delta,
     GenerationRequest,
     InvalidRequestError,
+    QueueFullError,
     RequestHandle,
     SamplingParams,
 )
@@ -113,6 +114,21 @@ def test_a_long_prompt_is_prefilled_between_decoding_steps(tiny):
     run_until_idle(engine)
     assert long.result().completion_tokens == 5
     assert running.result().completion_tokens == 100
+
+
+def test_a_burst_of_free_rows_plus_queue_places_is_admitted_in_full(tiny):
+    loaded = tiny["gpt2"]
+    tokenizer = loaded.tokenizer
+    engine = inline_engine(loaded, max_batch_size=4, max_queue=2)
+    running = engine.submit(request(tokenizer, "Hello", new=30, ignore_eos=True))
+    with torch.inference_mode():
+        engine.run_once()
+    assert engine.batch_size == 1
+    burst = [engine.submit(request(tokenizer, p, new=5)) for p in PROMPTS[:3] + PROMPTS[:2]]  # 3 free rows + 2
+    with pytest.raises(QueueFullError):
+        engine.submit(request(tokenizer, "one too many"))
+    run_until_idle(engine)
+    assert all(h.result().completion_tokens > 0 for h in [running, *burst])
 
 
 def test_cancelled_rows_leave_the_batch(tiny):
