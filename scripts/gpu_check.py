@@ -37,8 +37,8 @@ from dataclasses import dataclass
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-NEEDED = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "flask", "gunicorn", "pydantic_settings",
-          "requests", "psutil", "prometheus_client", "pytest")
+NEEDED = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "flask", "gunicorn", "gevent",
+          "pydantic_settings", "requests", "psutil", "prometheus_client")
 GREEDY_TOKENS = 24
 CAP = "8GiB"
 GREEDY_PROMPT = "When Konrad Adenauer was elected chancellor in"
@@ -57,8 +57,8 @@ def fail(message: str) -> int:
     return 2
 
 
-def missing_packages() -> list[str]:
-    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+def missing_packages(tests: bool) -> list[str]:
+    return [name for name in (*NEEDED, *(["pytest"] if tests else [])) if importlib.util.find_spec(name) is None]
 
 
 # ---- GPU memory ----------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         parser.error("--device must be cpu, cuda or cuda:N")
-    missing = missing_packages()
+    missing = missing_packages(tests=not args.skip_tests)
     if missing:
         return fail(f"missing Python packages: {', '.join(missing)}; install them with "
                     "`pip install -r requirements-dev.txt` (offline: `--no-index --find-links` a wheel folder)")
