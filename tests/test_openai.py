@@ -579,6 +579,12 @@ def test_out_of_range_and_malformed_values_are_refused_per_request(api, extra, p
     assert api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
 
 
+def test_a_prompt_too_long_for_any_tokenization_is_refused_by_its_length(api):
+    response = api.post("/v1/completions", json={"prompt": ["short", "a" * 1_500_000], "max_tokens": 2})
+    assert response.status_code == 400 and response.json["error"]["param"] == "prompt.1"
+    assert response.json["error"]["code"] == "context_length_exceeded"
+
+
 def test_stop_length_is_a_setting(make_api):
     api = make_api(MAX_STOP_LENGTH=4)
     refused = api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": ["abcde"]})

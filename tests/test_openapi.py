@@ -1,4 +1,5 @@
-"""`GET /openapi.json` and `GET /docs` through the real server, and a fuzzer run against the document.
+"""`GET /openapi.json` and `GET /docs` over HTTP (in process), and a fuzzer run against the document
+and the real server.
 
 The fuzzer (schemathesis) generates requests for every operation from the document, valid and
 invalid, sends them to a running server with small limits, and fails on any 5xx, any response
@@ -55,8 +56,8 @@ def same_but_names(a: dict, b: dict) -> bool:
     return anonymous(a) == anonymous(b)
 
 
-def test_document_describes_every_route(gpt2_server):
-    doc = document(gpt2_server)
+def test_document_describes_every_route(live_api):
+    doc = document(live_api)
     assert doc["openapi"] == "3.1.0"
     assert {path: set(ops) for path, ops in doc["paths"].items()} == EXPECTED_PATHS
     for path, operations in doc["paths"].items():
@@ -81,8 +82,8 @@ def test_every_flask_route_is_in_the_table():
     app.extensions["engine"].join(60)
 
 
-def test_bodies_come_from_the_validating_models(gpt2_server):
-    doc = document(gpt2_server)
+def test_bodies_come_from_the_validating_models(live_api):
+    doc = document(live_api)
     schemas = doc["components"]["schemas"]
     generate = doc["paths"]["/generate"]["post"]
     request_schema = resolve(doc, generate["requestBody"]["content"]["application/json"]["schema"])
@@ -110,26 +111,26 @@ def test_bodies_come_from_the_validating_models(gpt2_server):
     assert "LegacyStreamDelta" in schemas and "CompletionStreamChunk" in schemas
 
 
-def test_document_matches_what_the_routes_answer(gpt2_server):
+def test_document_matches_what_the_routes_answer(live_api):
     """A real answer validates against the document's schema (a quick check; the fuzzer does more)."""
     jsonschema_rs = pytest.importorskip("jsonschema_rs")  # comes with schemathesis
-    doc = document(gpt2_server)
-    answer = requests.post(gpt2_server.url + "/generate", json={"text": {"plain": "Hi"}, "max_length": 8},
+    doc = document(live_api)
+    answer = requests.post(live_api.url + "/generate", json={"text": {"plain": "Hi"}, "max_length": 8},
                            timeout=60).json()
     schema = {"$ref": "#/components/schemas/LegacyGenerateResponse", "components": doc["components"]}
     jsonschema_rs.Draft202012Validator(schema).validate(answer)
 
 
-def test_docs_page_needs_no_internet(gpt2_server):
-    page = requests.get(gpt2_server.url + "/docs", timeout=30)
+def test_docs_page_needs_no_internet(live_api):
+    page = requests.get(live_api.url + "/docs", timeout=30)
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert not re.search(r"(src|href)=\"(https?:)?//", page.text), "the page loads something from elsewhere"
     for asset, media in (("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "text/css"),
                          ("favicon-32x32.png", "image/png")):
-        response = requests.get(f"{gpt2_server.url}/docs/{asset}", timeout=30)
+        response = requests.get(f"{live_api.url}/docs/{asset}", timeout=30)
         assert response.status_code == 200 and media in response.headers["Content-Type"], asset
-    assert "SwaggerUIBundle" in requests.get(gpt2_server.url + "/docs/swagger-ui-bundle.js", timeout=30).text
-    assert requests.get(gpt2_server.url + "/docs/secrets.txt", timeout=30).status_code == 404
+    assert "SwaggerUIBundle" in requests.get(live_api.url + "/docs/swagger-ui-bundle.js", timeout=30).text
+    assert requests.get(live_api.url + "/docs/secrets.txt", timeout=30).status_code == 404
 
 
 @pytest.mark.slow

@@ -108,7 +108,7 @@ class ChatCompletionRequest(OpenAIRequest):
         """The conversation as one engine request (with `n` sequences), checked against the limits."""
         serving.check_counts(self.n, "n", self.stops)
         text = template.render(serving.tokenizer, [m.template_input() for m in self.messages])
-        ids = serving.encode(text)
+        ids = serving.encode(text, "messages")
         asked = self.new_tokens_asked
         new_tokens = asked if asked is not None else serving.room(len(ids), self.n)
         serving.check_fits(len(ids), new_tokens, self.new_tokens_param, self.n)

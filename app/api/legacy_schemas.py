@@ -145,7 +145,7 @@ class LegacyGenerateRequest(SamplingFields):
     def to_engine(self, serving: Serving) -> tuple[GenerationRequest, str]:
         """The engine request, and the prompt as the answer repeats it (decoded, for `in_64`)."""
         serving.check_counts(self.num_return_sequences, "num_return_sequences", self.stop)
-        prompt_ids = serving.encode(self.text.prompt)
+        prompt_ids = serving.encode(self.text.prompt, "text")
         if self.max_new_tokens is not None:
             new_tokens, param = self.max_new_tokens, "max_new_tokens"
         else:

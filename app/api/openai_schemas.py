@@ -228,7 +228,7 @@ class CompletionRequest(OpenAIRequest):
 
 def _ids_and_text(serving: Serving, prompt: str | list[int], param: str) -> tuple[list[int], str]:
     if isinstance(prompt, str):
-        return serving.encode(prompt), prompt
+        return serving.encode(prompt, param), prompt
     bad = next((t for t in prompt if not 0 <= t < serving.vocab_size), None)
     if bad is not None:
         raise RequestRefused(f"{param}: token id {bad} is outside this model's vocabulary (0..{serving.vocab_size - 1})",

@@ -131,7 +131,7 @@ class Serving:
     settings: Any  # app.settings.Settings
     context_length: int
     vocab_size: int
-    encode: Callable[[str], list[int]]
+    encode: Callable[[str, str], list[int]]  # (text, the field it came from, named if it cannot fit)
     tokenizer: Any
 
     def decode(self, ids: list[int]) -> str:
