@@ -154,6 +154,8 @@ def test_plain_text_response_format_and_text_parts_are_accepted(client, model, t
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}, "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 1000}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, "repetition_penalty"),
 ])
 def test_bad_values_are_400_in_openai_shape(api, body, param):
     response = api.post("/v1/chat/completions", json=body)

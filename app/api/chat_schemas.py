@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, f
 
 from app.api.chat_template import ChatTemplate
 from app.api.openai_schemas import EnginePrompt, OpenAIRequest
-from app.api.protocol import Serving, Usage, no_lone_surrogates
+from app.api.protocol import RequestRefused, Serving, Usage, no_lone_surrogates
 
 
 class TextPart(BaseModel):
@@ -112,6 +112,9 @@ class ChatCompletionRequest(OpenAIRequest):
         asked = self.new_tokens_asked
         new_tokens = asked if asked is not None else serving.room(len(ids), self.n)
         serving.check_fits(len(ids), new_tokens, self.new_tokens_param, self.n)
+        if self.min_tokens > new_tokens:  # the shared check sees max_tokens only, not max_completion_tokens
+            raise RequestRefused(f"min_tokens: must not exceed {self.new_tokens_param} ({new_tokens}); got "
+                                 f"{self.min_tokens}", "min_tokens", "invalid_value")
         if new_tokens == 0:
             return EnginePrompt(0, ids, text, None, keep_output=False)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
