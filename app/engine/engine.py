@@ -37,9 +37,12 @@ log = logging.getLogger(__name__)
 
 # How long the idle engine thread sleeps before it looks again whether it should stop.
 IDLE_WAIT_SECONDS = 0.5
-# A prompt longer than this that arrives while rows are decoding is prefilled this many tokens per
-# turn, between decoding steps: the running streams wait one short chunk per token, not a whole
-# 900-token prompt. (Alone in the engine, a prompt is prefilled at once: nobody waits on it.)
+# A prompt longer than LONG_PROMPT_TOKENS that arrives while rows are decoding is prefilled
+# PREFILL_CHUNK_TOKENS per turn, between decoding steps: the running streams wait one short chunk
+# per token, not a whole 900-token prompt. Shorter prompts are prefilled together in one pass, which
+# keeps a burst of ordinary requests as fast as one batched forward; alone in the engine, a prompt
+# is prefilled at once (nobody waits on it).
+LONG_PROMPT_TOKENS = 256
 PREFILL_CHUNK_TOKENS = 64
 
 
@@ -198,7 +201,7 @@ class Engine:
                 handle.events.put(InvalidRequestError(reason))
                 continue
             self.observer.admitted(now - handle.submitted_at)
-            if self._batch is not None and handle.request.prompt_tokens > PREFILL_CHUNK_TOKENS:
+            if self._batch is not None and handle.request.prompt_tokens > LONG_PROMPT_TOKENS:
                 self._progress[handle] = _RequestProgress(handle.request.n)
                 rows = [Row.start(handle, i, self.loaded.tokenizer) for i in range(handle.request.n)]
                 want = handle.request.logprobs if handle.request.prompt_logprobs else None

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from app.engine.engine import PREFILL_CHUNK_TOKENS
+from app.engine.engine import LONG_PROMPT_TOKENS, PREFILL_CHUNK_TOKENS
 from app.engine.request import (
     Delta,
     GenerationRequest,
@@ -23,8 +23,8 @@ from scripts.make_tiny_models import ARCHITECTURES
 from tests.unit.conftest import inline_engine, run_until_idle
 
 PROMPTS = ["Hello", "Beautiful is better than ugly. Explicit is better than implicit.", "When Konrad", "a"]
-# Longer than the prefill chunk: joining a running batch, it is prefilled over several turns.
-LONG_PROMPT = "Simple is better than complex. Complex is better than complicated. " * 12
+# A long prompt: joining a running batch, it is prefilled a chunk per turn.
+LONG_PROMPT = "Simple is better than complex. Complex is better than complicated. " * 30
 
 
 def request(tokenizer, prompt: str, new: int = 24, **fields) -> GenerationRequest:
@@ -43,7 +43,7 @@ def test_greedy_rows_joining_a_running_batch_equal_generate(arch, tiny):
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = inline_engine(loaded)
     handles = {}
-    assert len(tokenizer(LONG_PROMPT).input_ids) > 2 * PREFILL_CHUNK_TOKENS
+    assert len(tokenizer(LONG_PROMPT).input_ids) > LONG_PROMPT_TOKENS
     with torch.inference_mode():
         for prompt in [*PROMPTS, LONG_PROMPT]:  # one new request per turn: each joins a running batch
             handles[prompt] = engine.submit(request(tokenizer, prompt))
