@@ -29,6 +29,7 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from app.engine.observer import EngineObserver
+from app.openapi import Body, documented
 
 if TYPE_CHECKING:
     from app.engine import Engine
@@ -212,6 +213,11 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 @bp.get("/metrics")
+@documented(
+    "Prometheus metrics", "operations", always_served=True,
+    description="Every metric is prefixed `gpt_server_`; see the README's Production section.",
+    responses={200: Body("metrics in Prometheus text format", media={"text/plain": {"type": "string"}})},
+)
 def metrics():
     body, content_type = current_app.extensions["metrics"].exposition()
     return Response(body, content_type=content_type)

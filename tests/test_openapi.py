@@ -71,8 +71,8 @@ def test_document_describes_every_route(live_api):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine reports the missing model
-def test_every_flask_route_is_in_the_table():
-    """A route added to any blueprint without a line in app/openapi.py's table fails here."""
+def test_every_flask_route_is_documented():
+    """A route added to any blueprint without its `@documented(...)` declaration fails here."""
     from app.factory import create_app
     from app.openapi import undocumented_routes
     from app.settings import load_settings
@@ -80,6 +80,21 @@ def test_every_flask_route_is_in_the_table():
     app = create_app(load_settings(model_id="test-org/not-on-disk", torch_threads=1), exit_on_load_failure=False)
     assert undocumented_routes(app) == []
     app.extensions["engine"].join(60)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine reports the missing model
+def test_a_server_with_api_keys_asks_for_one_where_it_needs_one():
+    from app.factory import create_app
+    from app.settings import load_settings
+
+    app = create_app(load_settings(model_id="test-org/not-on-disk", torch_threads=1, api_key=FUZZ_KEY),
+                     exit_on_load_failure=False)
+    doc = app.test_client().get("/openapi.json", headers={"X-API-Key": FUZZ_KEY}).get_json()
+    app.extensions["engine"].join(60)
+    assert set(doc["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
+    generate, health = doc["paths"]["/generate"]["post"], doc["paths"]["/health"]["get"]
+    assert generate["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}] and "401" in generate["responses"]
+    assert health["security"] == [] and "401" not in health["responses"]
 
 
 def test_bodies_come_from_the_validating_models(live_api):

@@ -26,10 +26,19 @@ from app.api.chat_schemas import (
     TopLogprob,
 )
 from app.api.chat_template import ChatTemplate, chat_template
-from app.api.openai import cancel_all, check_model, openai_errors, public_finish_reason, submit_all, wait_all
+from app.api.openai import (
+    ERRORS,
+    cancel_all,
+    check_model,
+    openai_errors,
+    public_finish_reason,
+    submit_all,
+    wait_all,
+)
 from app.api.protocol import Usage, backend_decode
 from app.api.sse import sse_response
 from app.engine import Delta, Finished, TokenLogprob
+from app.openapi import Body, documented
 
 bp = Blueprint("chat", __name__, url_prefix="/v1")
 openai_errors(bp)
@@ -44,6 +53,15 @@ def template() -> ChatTemplate:
 
 
 @bp.post("/chat/completions")
+@documented(
+    "Create a chat completion (OpenAI-compatible)", "OpenAI-compatible", request=ChatCompletionRequest, generates=True,
+    description="OpenAI's chat completions. The messages become one prompt through the model's chat template (or "
+    "CHAT_TEMPLATE, or a plain `User:`/`Assistant:` transcript for base models). Tools, functions and "
+    "response formats other than text are refused. With `stream: true` the answer is server-sent "
+    "events ending with `data: [DONE]`.",
+    responses={200: Body("the chat completion; server-sent events of chunks when `stream` is true",
+                         ChatCompletionResponse, events=(ChatCompletionChunk,), done=True), **ERRORS},
+)
 def chat_completions():
     req = ChatCompletionRequest.model_validate(gen.json_body())
     check_model(req)

@@ -8,6 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 from flask import Blueprint, current_app, jsonify
 from pydantic import BaseModel, Field
 
+from app.openapi import Body, documented
+
 bp = Blueprint("health", __name__)
 
 
@@ -48,6 +50,12 @@ def _versions() -> dict[str, str]:
 
 
 @bp.get("/health")
+@documented(
+    "Health and readiness", "operations", public=True,
+    description="200 when the model is loaded and requests are served; 503 while it loads, after the engine "
+    "failed, or once the server is shutting down. Needs no API key.",
+    responses={200: Body("ready", HealthResponse), 503: Body("not ready", HealthResponse)},
+)
 def health():
     engine = current_app.extensions["engine"]
     settings = current_app.extensions["settings"]

@@ -23,6 +23,7 @@ from app.api.legacy_schemas import (
 from app.api.protocol import RequestRefused, Usage
 from app.api.sse import sse_response
 from app.engine import Delta, Finished
+from app.openapi import SSE_TEXT, Body, documented, errors
 
 bp = Blueprint("legacy", __name__)
 
@@ -32,8 +33,24 @@ def _refused(exc: RequestRefused):
     return error_response(422, exc.message, exc.param, exc.code)
 
 
+_ERRORS = errors(
+    e400="the body is not a JSON object",
+    e413="the body is larger than MAX_BODY_BYTES",
+    e422="a field is invalid, or the prompt and length do not fit the model or the server's limits",
+)
+_REQUEST_DOC = (
+    "The original API's request. `text` is required; everything else has the original's defaults. "
+    "Fields after `num_return_sequences` are additions."
+)
+
+
 @bp.post("/generate")
 @bp.post("/")
+@documented(
+    "Generate text (the original API)", "original API", summaries={"/": "Generate text: the same as POST /generate"},
+    description=_REQUEST_DOC, request=LegacyGenerateRequest, generates=True,
+    responses={200: Body("the generated sequences, each starting with the prompt", LegacyGenerateResponse), **_ERRORS},
+)
 def generate():
     body = LegacyGenerateRequest.model_validate(gen.json_body())
     request, prompt = body.to_engine(gen.serving())
@@ -49,6 +66,12 @@ def generate():
 
 
 @bp.post("/generate_stream")
+@documented(
+    "Generate text as server-sent events (the original API)", "original API", request=LegacyGenerateRequest,
+    description=_REQUEST_DOC + " The answer streams: new text of each sequence as it is generated (the prompt is "
+    "not repeated), then one last event with the totals.",
+    responses={200: Body(SSE_TEXT, events=(LegacyStreamDelta, LegacyStreamDone)), **_ERRORS}, generates=True,
+)
 def generate_stream():
     """Server-sent events: `{"index", "text"}` per new piece of text (the prompt is not repeated),
     `finish_reason` on each sequence's last event, then one final event with the totals."""

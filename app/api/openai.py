@@ -35,6 +35,7 @@ from app.api.protocol import RequestRefused, Usage, backend_decode
 from app.api.sse import sse_response
 from app.engine import Delta, Finished, TokenLogprob
 from app.engine.text import IncrementalDecoder
+from app.openapi import Body, documented, errors
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -59,7 +60,16 @@ def _model_not_found(name: str) -> ApiError:
                     param="model", code="model_not_found")
 
 
+ERRORS = errors(
+    e400="the body is not JSON, a field is invalid, or the prompt does not fit the context or the limits",
+    e404="the model named is not the one this server serves",
+    e413="the body is larger than MAX_BODY_BYTES",
+)
+
+
 @bp.get("/models")
+@documented("List the served model (OpenAI-compatible)", "OpenAI-compatible",
+            responses={200: Body("the one model this server serves", ModelList)})
 def list_models():
     return jsonify(ModelList(data=[_model_card()]).model_dump())
 
@@ -79,6 +89,8 @@ bp.record_once(lambda state: state.app.url_map.converters.update(path=ModelIdCon
 
 # merge_slashes=False: the double slash is part of the id, not a typo to redirect.
 @bp.get("/models/<path:model_id>", merge_slashes=False)
+@documented("Describe a model (OpenAI-compatible)", "OpenAI-compatible",
+            responses={200: Body("the model", ModelCard), **errors(e404="no such model on this server")})
 def retrieve_model(model_id: str):
     card = _model_card()
     if model_id != card.id:
@@ -194,6 +206,13 @@ def _choice_logprobs(req: CompletionRequest, prompt_lp: CompletionLogprobs | Non
 
 
 @bp.post("/completions")
+@documented(
+    "Create a completion (OpenAI-compatible)", "OpenAI-compatible", request=CompletionRequest, generates=True,
+    description="OpenAI's legacy completions. With `stream: true` the answer is server-sent events ending with "
+    "`data: [DONE]`.",
+    responses={200: Body("the completion; server-sent events of chunks when `stream` is true", CompletionResponse,
+                         events=(CompletionStreamChunk,), done=True), **ERRORS},
+)
 def completions():
     req = CompletionRequest.model_validate(gen.json_body())
     check_model(req)

@@ -19,6 +19,7 @@ from flask import Blueprint, Response, jsonify, send_from_directory
 
 from app.api import generation as gen
 from app.api.openai_schemas import CompletionRequest
+from app.openapi import documented, files, page_body
 
 bp = Blueprint("playground", __name__)
 
@@ -56,11 +57,22 @@ def _security_headers(response: Response) -> Response:
 
 
 @bp.get("/")
+@documented(
+    "The playground: a page to try the model in a browser", "operations", public=True, responses=page_body(),
+    description="Needs no API key itself; when the server has keys the page asks for one and sends it with each "
+    "request.",
+)
 def page():
     return send_from_directory(FILES, "index.html", max_age=0)
 
 
 @bp.get(ASSET_RULE)
+@documented(
+    "Files of the playground page", "operations", public=True,
+    description="`config.json` holds the defaults and ranges of the page's form and whether an API key is required.",
+    responses=files("text/javascript", "application/javascript", "text/css", "image/svg+xml",
+                    **{"application/json": {"type": "object"}}),
+)
 def asset(asset: str):
     if asset == "config.json":
         return jsonify(config())
