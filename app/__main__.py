@@ -26,8 +26,15 @@ class Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        # Runs in the worker after the fork: the model is loaded there, once. Imported here so that
-        # the master never imports torch (its memory would stay resident in a process that serves nothing).
+        # Runs in the worker after the fork: the model is loaded there, once. Returns at once: the real
+        # app is built on a native thread while the worker already answers 503 (app/booting.py).
+        from app.booting import BootingApp
+
+        return BootingApp(self.settings, self._build)
+
+    def _build(self):
+        # Imported here so that the master never imports torch (its memory would stay resident in a
+        # process that serves nothing).
         from app.factory import create_app
 
         return create_app(self.settings)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import signal
 
-from app import draining
 from app.logging_setup import GunicornLogger
 from app.settings import Settings
 
@@ -49,14 +48,15 @@ def gunicorn_options(settings: Settings) -> dict:
 
 
 def _drain_on_sigterm(worker) -> None:
-    """Wrap the worker's SIGTERM handler: the app starts draining (app/draining.py), then gunicorn's
-    own handler tells the worker to stop listening and wait for its connections (app/http_worker.py)."""
-    app = worker.wsgi
+    """Wrap the worker's SIGTERM handler: the app starts draining (app/draining.py; the app still
+    being built drains once it is, app/booting.py), then gunicorn's own handler tells the worker to
+    stop listening and wait for its connections (app/http_worker.py)."""
+    app = worker.wsgi  # app.booting.BootingApp
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 
     def handle_sigterm(signum, frame):
         try:
-            draining.on_sigterm(app)
+            app.start_draining()
         finally:
             gunicorn_handler(signum, frame)
 

@@ -42,8 +42,10 @@ class Worker(GeventWorker):
         # Everything but threads and queues: the engine thread, the model loader's thread pool and the
         # timers stay native threads, and what they hand each other must be native queues. Not ssl
         # either: the server speaks plain HTTP, and the model downloads (on the engine's native thread,
-        # through libraries that imported ssl before the fork) keep the standard blocking ssl.
-        monkey.patch_all(thread=False, queue=False, ssl=False)
+        # through libraries that imported ssl before the fork) keep the standard blocking ssl. Not
+        # subprocess: the app is built on a native thread (app/booting.py), where imports run
+        # `ldconfig` through it, and gevent's version can only wait for a child on the main loop.
+        monkey.patch_all(thread=False, queue=False, ssl=False, subprocess=False)
         self.sockets = [gevent.socket.socket(s.FAMILY, gevent.socket.SOCK_STREAM, fileno=s.sock.detach())
                         for s in self.sockets]
 

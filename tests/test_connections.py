@@ -5,20 +5,24 @@ full; a request beyond the queue is refused at once (503 JSON, Retry-After), nev
 somewhere else; idle sockets hold up nobody; a client too slow with its headers is disconnected and
 one too slow with its body gets a 408; every malformed request gets a 4xx JSON error without an
 ERROR line in the log and without disturbing a well-formed request running beside it; a client
-that goes away has its generation cancelled.
+that goes away has its generation cancelled. From the first second, while the app is still being
+built (torch imported, the engine started), every request gets a 503 JSON answer, not silence.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
+import time
 
 import pytest
 import requests
 
 from tests import sse
-from tests.conftest import batch_size, wait_until
+from tests.conftest import ROOT, batch_size, wait_until
 
 # Long enough to keep a row busy until the test lets go (end-of-text is ignored).
 LONG_STREAM = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True, "seed": 1}
@@ -204,3 +208,49 @@ def test_idle_connections_hold_up_nobody(start_server):
     finally:
         for sock in idle:
             sock.close()
+
+
+def held_server(start_server, gate):
+    """A server whose worker cannot import torch until the file `gate` exists (tests/faults/)."""
+    return start_server(wait=False, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'faults'}",
+                        FAULT_HOLD_TORCH_UNTIL=str(gate))
+
+
+def first_answer(server) -> requests.Response:
+    """The first HTTP answer to `GET /health`, polled from the process's start (refused connections
+    are retried: the port is not bound yet)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, f"the server exited:\n{server.log}"
+        try:
+            return requests.get(server.url + "/health", timeout=30)
+        except requests.ConnectionError:
+            time.sleep(0.02)
+    raise AssertionError(f"no answer from /health:\n{server.log}")
+
+
+def test_while_the_app_is_built_every_route_answers_503_json(start_server, tiny_models, tmp_path):
+    gate = tmp_path / "torch-may-load"
+    server = held_server(start_server, gate)
+    first = first_answer(server)
+    assert first.status_code == 503, first.text
+    assert first.json() == {"status": "loading", "model": tiny_models.repo_ids["gpt2"]}
+    assert first.headers["X-Request-ID"]
+    completion = requests.post(server.url + "/v1/completions", json=SHORT, timeout=30)
+    assert completion.status_code == 503 and completion.headers["Retry-After"], completion.text
+    assert completion.json()["error"]["code"] == "model_not_ready", completion.text
+    legacy = requests.post(server.url + "/generate", json={"text": {"plain": "Hi"}}, timeout=30)
+    assert legacy.status_code == 503 and legacy.headers["Retry-After"], legacy.text
+    assert legacy.json()["detail"][0]["type"] == "model_not_ready", legacy.text  # what its clients read
+
+    gate.touch()  # torch may load now: the real app is built, the model loaded, and it serves
+    server.wait_ready()
+    assert completion_text(server)
+    assert "app built in" in server.log
+
+
+def test_sigterm_while_the_app_is_built_exits_0(start_server, tmp_path):
+    server = held_server(start_server, tmp_path / "never")
+    assert first_answer(server).json()["status"] == "loading"
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0, server.log

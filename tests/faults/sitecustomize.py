@@ -8,9 +8,13 @@ inside the model's forward pass (as a CUDA out-of-memory error does).
 - FAULT_AT_LENGTH=L: a forward pass whose attention mask is exactly L columns wide (a decoding
   step of a batch whose longest sequence reaches L) raises torch.OutOfMemoryError.
 - FAULT_KILL_AT_LENGTH=L: the same, but raises SystemExit, which kills the engine thread.
+- FAULT_HOLD_TORCH_UNTIL=FILE: the process's first `import torch` waits until FILE exists (a slow
+  disk or a cold cache, for as long as a test needs).
 """
 
 import os
+import sys
+from time import sleep as native_sleep  # taken before gevent patches `time` in the server's worker
 
 
 def _install() -> None:
@@ -38,3 +42,32 @@ def _install() -> None:
 
 if any(os.environ.get(k) for k in ("FAULT_PROMPT_TOKEN", "FAULT_AT_LENGTH", "FAULT_KILL_AT_LENGTH")):
     _install()
+
+
+class _HoldTorch:
+    """A finder that only delays: torch is found as usual, but executing it waits for the file (a
+    mere lookup, `importlib.util.find_spec("torch")`, does not wait)."""
+
+    def __init__(self, gate: str):
+        self.gate = gate
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else finder.find_spec(name, path, target)
+            if spec is not None:
+                execute = spec.loader.exec_module
+
+                def held(module, gate=self.gate):
+                    while not os.path.exists(gate):
+                        native_sleep(0.05)
+                    execute(module)
+
+                spec.loader.exec_module = held
+                return spec
+        return None
+
+
+if os.environ.get("FAULT_HOLD_TORCH_UNTIL"):
+    sys.meta_path.insert(0, _HoldTorch(os.environ["FAULT_HOLD_TORCH_UNTIL"]))
