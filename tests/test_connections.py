@@ -254,3 +254,12 @@ def test_sigterm_while_the_app_is_built_exits_0(start_server, tmp_path):
     assert first_answer(server).json()["status"] == "loading"
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0, server.log
+
+
+def test_an_app_that_cannot_be_built_stops_the_server(start_server, tmp_path):
+    broken = tmp_path / "broken" / "torch"  # a torch installation that fails to import
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("this torch is broken")\n')
+    server = start_server(wait=False, PYTHONPATH=f"{ROOT}{os.pathsep}{broken.parent}")
+    assert server.process.wait(120) == 3, server.log  # gunicorn's boot error: no restart loop
+    assert "the app could not be built" in server.log and "this torch is broken" in server.log
