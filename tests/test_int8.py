@@ -287,7 +287,7 @@ def test_settings_it_cannot_work_with_are_refused_at_boot(start_server, values, 
 def test_an_unknown_method_is_refused_at_boot(start_server):
     server = start_server(QUANTIZE="int4", wait=False)
     assert wait_for_exit(server) != 0
-    assert "setting QUANTIZE='int4' is invalid: Input should be 'none' or 'int8'" in server.log
+    assert "setting QUANTIZE='int4' is invalid: Input should be 'none', 'int8' or 'auto'" in server.log
 
 
 @pytest.fixture(scope="module")

@@ -580,8 +580,11 @@ def test_readiness_fails_while_draining_and_the_server_exits_within_the_grace_pe
         server.process.send_signal(signal.SIGTERM)  # what the kubelet sends after the preStop pause
         # While the running generations finish, /health says 503 on the open connection, and a new
         # probe connection gets 503 or is refused: either way the probe fails and the pod leaves the Service.
-        health = kept_alive.get(server.url + readiness["httpGet"]["path"], timeout=10)
-        assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+        # The master passes the signal on to the worker: poll until it has arrived there.
+        answers = []
+        assert wait_until(lambda: answers.append(kept_alive.get(server.url + readiness["httpGet"]["path"],
+                                                                timeout=10)) or answers[-1].status_code != 200, 10)
+        assert answers[-1].status_code == 503 and answers[-1].json()["status"] == "shutting_down"
         assert http_probe(server.url, readiness["httpGet"]["path"], readiness["timeoutSeconds"]) not in range(200, 400)
         # Every generation, running or waiting at SIGTERM, is answered in full.
         for stream in streams:
