@@ -304,6 +304,18 @@ def api(make_api) -> FlaskClient:
     return make_api()
 
 
+@pytest.fixture(scope="session")
+def client(api):
+    """The official openai client, in process, over `api`."""
+    return inprocess_openai(api)
+
+
+@pytest.fixture(scope="session")
+def model(client) -> str:
+    """The served model's id, as the client discovers it."""
+    return client.models.list().data[0].id
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that build and start container images (marked `docker`, minutes each) run after the rest,
     so that a quick failure elsewhere shows first."""

@@ -25,16 +25,6 @@ TRANSCRIPT = "You answer in one word.\n\nUser: Name a colour.\nAssistant: Blue.\
 
 
 @pytest.fixture(scope="module")
-def client(api) -> openai.OpenAI:
-    return inprocess_openai(api)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_models):
     return AutoTokenizer.from_pretrained(tiny_models.folders["gpt2"])
 

@@ -22,19 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from tests import sse
-from tests.conftest import inprocess_openai
 
 PROMPT = "Hello world! When Konrad Adenauer was elected chancellor in 1949,"
-
-
-@pytest.fixture(scope="module")
-def client(api) -> openai.OpenAI:
-    return inprocess_openai(api)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
 
 
 @pytest.fixture(scope="module")
