@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, f
 
 from app.api.chat_template import ChatTemplate
 from app.api.openai_schemas import EnginePrompt, OpenAIRequest
-from app.api.protocol import RequestRefused, Serving, Usage, no_lone_surrogates
+from app.api.protocol import OpenAIFinishReason, RequestRefused, Serving, Usage, no_lone_surrogates
 
 
 class TextPart(BaseModel):
@@ -149,7 +149,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: OpenAIFinishReason
 
 
 class ChatCompletionResponse(BaseModel):
@@ -170,7 +170,7 @@ class ChatStreamChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: OpenAIFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from app.api.protocol import (
+    OpenAIFinishReason,
     INT64_MAX,
     RequestRefused,
     SamplingFields,
@@ -259,7 +260,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: OpenAIFinishReason | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -275,7 +276,7 @@ class CompletionStreamChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: OpenAIFinishReason | None = None
 
 
 class CompletionStreamChunk(BaseModel):

@@ -19,6 +19,8 @@ from app.engine import SamplingParams
 INT64_MAX = 2**63 - 1
 
 FinishReason = Literal["stop", "length", "cancelled"]
+# OpenAI's APIs know no "cancelled": a cancelled choice has no client left to read it.
+OpenAIFinishReason = Literal["stop", "length"]
 
 
 class RequestRefused(Exception):
