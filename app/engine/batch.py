@@ -2,10 +2,17 @@
 per-row sampling and penalty state. The rows themselves (text, requests) are the engine's; every
 method that changes the rows takes them, in the batch's row order.
 
-Rows are left-padded so that every row's newest token sits in the last column; the attention mask
-hides the padding and each row carries its own position. Rows join by `concatenate` (padding the
-shorter key/value cache on the left) and leave by `filter` (which also drops padding columns no
-row needs any more), so memory follows the rows that are really there.
+The key/value cache lives in storage that outlives the batch's changes, one [slots, heads, columns,
+head_dim] tensor pair per layer. The running rows fill slots 0..rows-1; the model attends over a
+window of columns that ends at every row's newest token (rows are right-aligned, so a row shorter
+than the window has padding on its left, hidden by the attention mask and skipped by its position
+ids; GPT-Neo's local attention counts its window back from the last column, so right alignment
+is what keeps it exact). Each step writes one column for every row.
+
+So a row joining copies only its own prompt's keys and values into free slots, and a row leaving
+moves at most one other row (the last) into its slot. The storage is re-laid out only when it runs
+out of slots or columns (then it grows by a quarter, or the window shifts back to column 0, which
+happens at most once per `reserve` steps), and it is freed when the batch empties.
 """
 
 from __future__ import annotations
@@ -18,67 +25,120 @@ from transformers.cache_utils import DynamicLayer
 from app.engine.request import TokenLogprob
 from app.engine.sampling import SamplingTensors, token_logprobs
 
+# Storage columns come in multiples of this, so that a window growing by a few tokens rarely
+# needs a new allocation.
+COLUMN_QUANTUM = 32
 
-class _ReservedLayer(DynamicLayer):
-    """One layer's key/value cache with room reserved for the tokens its rows will still generate.
 
-    transformers' DynamicLayer grows by `torch.cat` at every step, copying the whole cache each
-    time; this layer writes each step's keys and values in place and exposes views of the filled part.
-    """
+class _SlotLayer(DynamicLayer):
+    """One layer's keys and values: storage [slots, heads, columns, head_dim] and the view of it
+    the model sees, rows 0..rows-1 and columns lo..end-1. `update` writes a step's keys and values
+    at column `end` in place (the batch makes sure there is room) instead of concatenating."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
-        rows, heads, length, head_dim = keys.shape
-        self._keys = keys.new_empty((rows, heads, max(capacity, length), head_dim))
-        self._values = values.new_empty((rows, heads, max(capacity, length), values.shape[-1]))
-        self._keys[:, :, :length] = keys
-        self._values[:, :, :length] = values
-        self.length = length
+        # A prefilled group's own tensors serve as its storage until it needs room to decode.
+        self.key_store, self.value_store = keys, values
+        self.rows, self.lo, self.end = keys.shape[0], 0, keys.shape[-2]
         self.device = keys.device
         self.is_initialized = True
         self._expose()
 
+    @property
+    def slots(self) -> int:
+        return self.key_store.shape[0]
+
+    @property
+    def columns(self) -> int:
+        return self.key_store.shape[-2]
+
     def _expose(self) -> None:
-        self.keys = self._keys[:, :, : self.length]
-        self.values = self._values[:, :, : self.length]
+        self.keys = self.key_store[: self.rows, :, self.lo:self.end]
+        self.values = self.value_store[: self.rows, :, self.lo:self.end]
 
     def update(self, key_states, value_states, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self._keys.shape[-2]:  # more than reserved (not expected): grow, like DynamicLayer
-            self._keys = torch.cat([self._keys[:, :, : self.length], key_states], dim=-2)
-            self._values = torch.cat([self._values[:, :, : self.length], value_states], dim=-2)
-        else:
-            self._keys[:, :, self.length:end] = key_states
-            self._values[:, :, self.length:end] = value_states
-        self.length = end
+        end = self.end + key_states.shape[-2]
+        if end > self.columns:
+            raise RuntimeError("key/value storage has no room for this step")  # Batch.forward makes room
+        self.key_store[: self.rows, :, self.end:end] = key_states
+        self.value_store[: self.rows, :, self.end:end] = value_states
+        self.end = end
         self._expose()
         return self.keys, self.values
 
+    def lay_out(self, rows_needed: int, width: int, columns: int) -> None:
+        """Make room for `rows_needed` rows and a window of `width` columns (the current rows
+        right-aligned in it) followed by free columns up to `columns` in all. Nothing moves when
+        the window can grow to the left in place; the window shifts back to column 0 when the
+        storage has room but not after the window; new storage (a quarter more rows than needed) is
+        allocated only when it is too small, or four times too large, in rows."""
+        slots_fit = rows_needed <= self.slots <= max(4 * rows_needed, 8)
+        if slots_fit and width <= self.end and self.end + columns - width <= self.columns:
+            self.lo = self.end - width
+            self._expose()
+            return
+        old_width = self.end - self.lo
+        in_place = slots_fit and columns <= self.columns
+        slots = self.slots if slots_fit else rows_needed + max(2, rows_needed // 4)
+        for name in ("key_store", "value_store"):
+            store = getattr(self, name)
+            current = store[: self.rows, :, self.lo:self.end]
+            if in_place:
+                target, current = store, current.clone()  # the old and new windows may overlap
+            else:
+                # Zeros, not empty: padding columns are masked, but garbage NaN would still leak
+                # through the attention's weighted sum (0 * NaN).
+                target = store.new_zeros((slots, store.shape[1], _round_up(columns), store.shape[-1]))
+                setattr(self, name, target)
+            target[: self.rows, :, width - old_width:width] = current
+        self.lo, self.end = 0, width
+        self._expose()
 
-def _reserved_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> DynamicCache:
-    cache = DynamicCache()
-    cache.layers = [_ReservedLayer(keys, values, capacity) for keys, values in layers]
-    return cache
+    def append(self, other: "_SlotLayer") -> None:
+        """Copy `other`'s rows into the slots after this layer's rows, right-aligned in the window
+        (which `lay_out` has made at least as wide as theirs)."""
+        start, width = self.rows, other.end - other.lo
+        self.key_store[start:start + other.rows, :, self.end - width:self.end] = other.keys
+        self.value_store[start:start + other.rows, :, self.end - width:self.end] = other.values
+        self.rows += other.rows
+        self._expose()
+
+    def move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy the rows at slots `source` into slots `target` (the window's columns only)."""
+        for store in (self.key_store, self.value_store):
+            window = store[:, :, self.lo:self.end]
+            window.index_copy_(0, target, window.index_select(0, source))
+
+    def keep_rows(self, rows: int) -> None:
+        self.rows = rows
+        self._expose()
+
+    def drop_columns(self, count: int) -> None:
+        """The window's first `count` columns are padding for every row: leave them out."""
+        self.lo += count
+        self._expose()
 
 
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+def _round_up(columns: int) -> int:
+    return -(-columns // COLUMN_QUANTUM) * COLUMN_QUANTUM
 
 
 class Batch:
     def __init__(self, rows, next_tokens, attention_mask, layers, vocab_size):
-        """`rows`: objects with `params`, `prompt_ids`, `generated` and `steps_left` (read, not kept)."""
+        """`rows`: objects with `params`, `prompt_ids`, `generated` and `steps_left` (read, not kept);
+        `layers`: each layer's keys and values [rows, heads, columns, head_dim], which become the
+        batch's storage as they are (a prefilled group gets room to decode once it needs it)."""
         self.rows = len(rows)
         self.next_tokens: torch.Tensor = next_tokens  # [B] the tokens to feed at the next step
-        self.attention_mask: torch.Tensor = attention_mask  # [B, L] over the cached columns
-        # Rows are right-aligned, so the cache needs L columns plus the most steps any row has left.
-        steps_left = max(row.steps_left + 1 for row in rows)
-        self.cache: DynamicCache = _reserved_cache(layers, attention_mask.shape[1] + steps_left)
+        self.attention_mask: torch.Tensor = attention_mask  # [B, W] over the window's columns
+        self.cache = DynamicCache()
+        self.cache.layers = [_SlotLayer(keys, values) for keys, values in layers]
         self.vocab_size = vocab_size
+        self._reserve = _steps_left(rows)  # free columns to keep after the window when laying out
         self.sampling = SamplingTensors.build([row.params for row in rows], attention_mask.device, vocab_size)
         self.seen: torch.Tensor | None = None  # [B, V] bool: prompt and output tokens (repetition penalty)
         self.output_counts: torch.Tensor | None = None  # [B, V] int: output tokens (presence/frequency)
-        if self.sampling.use_repetition or self.sampling.use_presence_frequency:
+        if self._uses_penalties:
             self._build_penalty_state(rows)
 
     def __len__(self) -> int:
@@ -89,8 +149,17 @@ class Batch:
         return self.attention_mask.device
 
     @property
-    def padded_length(self) -> int:
+    def width(self) -> int:
+        """Columns of the window the model attends over."""
         return self.attention_mask.shape[1]
+
+    @property
+    def _layers(self) -> list[_SlotLayer]:
+        return self.cache.layers
+
+    @property
+    def _uses_penalties(self) -> bool:
+        return self.sampling.use_repetition or self.sampling.use_presence_frequency
 
     # ---- building -------------------------------------------------------------------------------
 
@@ -138,46 +207,81 @@ class Batch:
             last_logits = last_logits[index]
             attention_mask = attention_mask[index]
         empty = torch.empty(0, dtype=torch.long, device=last_logits.device)
-        return cls(rows, empty, attention_mask, _layers(cache), vocab_size), last_logits
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        return cls(rows, empty, attention_mask, layers, vocab_size), last_logits
 
     @classmethod
     def concatenate(cls, batches: list["Batch | None"], rows: list) -> "Batch | None":
-        """Merge batches, left-padding the shorter ones' caches and masks to the longest; `rows` are
-        the merged batch's rows."""
+        """The first batch with the others' rows appended after its own (copied into its storage;
+        nothing of its own rows moves unless the storage must grow); `rows` are the merged rows."""
         batches = [b for b in batches if b is not None and len(b)]
-        if len(batches) <= 1:  # none left when every new row finished on its first token
-            return batches[0] if batches else None
-        width = max(b.padded_length for b in batches)
-        masks = [F.pad(b.attention_mask, (width - b.padded_length, 0)) for b in batches]
-        layers = []
-        for per_batch in zip(*(_layers(b.cache) for b in batches)):
-            keys = torch.cat([F.pad(k, (0, 0, width - k.shape[-2], 0)) for k, _ in per_batch])
-            values = torch.cat([F.pad(v, (0, 0, width - v.shape[-2], 0)) for _, v in per_batch])
-            layers.append((keys, values))
-        merged = cls(
-            rows,
-            torch.cat([b.next_tokens for b in batches]),
-            torch.cat(masks),
-            layers,
-            batches[0].vocab_size,
-        )
+        if not batches:  # none left when every new row finished on its first token
+            return None
+        merged, others = batches[0], batches[1:]
+        for other in others:
+            merged._append(other, rows[: merged.rows + other.rows])
         return merged
 
-    def filter(self, keep: list[int], rows: list) -> "Batch | None":
-        """Keep only the rows at `keep` (`rows` are those kept); free everything else, padding
-        columns included."""
-        if not keep:
-            return None
-        if len(keep) == len(self):
-            return self
-        index = torch.tensor(keep, device=self.device)
-        mask = self.attention_mask[index]
-        # Columns that are padding for every remaining row are dropped.
-        first_used = int(mask.any(dim=0).nonzero()[0])
-        mask = mask[:, first_used:]
-        layers = [(k[index, :, first_used:], v[index, :, first_used:]) for k, v in _layers(self.cache)]
-        kept = Batch(rows, self.next_tokens[index], mask, layers, self.vocab_size)
-        return kept
+    def _append(self, other: "Batch", rows: list) -> None:
+        width = max(self.width, other.width)
+        self._reserve = max(self._reserve, other._reserve)
+        for layer in self._layers:
+            layer.lay_out(self.rows + other.rows, width, width + self._reserve)
+        for layer, theirs in zip(self._layers, other._layers):
+            layer.append(theirs)
+        self.attention_mask = torch.cat([F.pad(self.attention_mask, (width - self.width, 0)),
+                                         F.pad(other.attention_mask, (width - other.width, 0))])
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        penalties_before = self.seen is not None and other.seen is not None
+        if penalties_before:
+            self.seen = torch.cat([self.seen, other.seen])
+            self.output_counts = torch.cat([self.output_counts, other.output_counts])
+        self.rows += other.rows
+        self.sampling = SamplingTensors.build([row.params for row in rows], self.device, self.vocab_size)
+        if not self._uses_penalties:
+            self.seen = self.output_counts = None
+        elif not penalties_before:
+            self._build_penalty_state(rows)
+
+    def filter(self, keep: list[int], rows: list) -> list:
+        """Keep only the rows at positions `keep` of `rows` (the batch's rows); returns the rows in
+        the batch's new order. A row leaving frees its slot for the batch's last row, so only that
+        one row moves; columns that became padding for every row leave the window."""
+        kept = set(keep)
+        order = list(range(self.rows))  # new slot -> the row's slot before
+        for position in reversed(range(self.rows)):  # from the end, so the last slot is always kept
+            if position not in kept:
+                order[position] = order[-1]
+                order.pop()
+        if not order:
+            self.rows = 0
+            return []
+        moves = [(before, slot) for slot, before in enumerate(order) if before != slot]
+        if moves:
+            source = torch.tensor([before for before, _ in moves], device=self.device)
+            target = torch.tensor([slot for _, slot in moves], device=self.device)
+            for layer in self._layers:
+                layer.move_rows(source, target)
+            for tensor in (self.attention_mask, self.next_tokens, self.seen, self.output_counts):
+                if tensor is not None and len(tensor) == self.rows:
+                    tensor.index_copy_(0, target, tensor.index_select(0, source))
+        self.rows = len(order)
+        for layer in self._layers:
+            layer.keep_rows(self.rows)
+        self.next_tokens = self.next_tokens[: self.rows]
+        mask = self.attention_mask[: self.rows]
+        padding = int(mask.any(dim=0).long().argmax())  # columns before the first one any row uses
+        self.attention_mask = mask[:, padding:]
+        for layer in self._layers:
+            layer.drop_columns(padding)
+        new_rows = [rows[i] for i in order]
+        self._reserve = _steps_left(new_rows)
+        self.sampling = SamplingTensors.build([row.params for row in new_rows], self.device, self.vocab_size)
+        if self._uses_penalties and self.seen is not None:
+            self.seen, self.output_counts = self.seen[: self.rows], self.output_counts[: self.rows]
+        else:
+            self.seen = self.output_counts = None
+        return new_rows
 
     def _build_penalty_state(self, rows) -> None:
         self.seen = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool, device=self.device)
@@ -194,6 +298,10 @@ class Batch:
     @torch.inference_mode()
     def forward(self, model) -> torch.Tensor:
         """One decoding step for every row; returns the next-token logits [B, V]."""
+        if self._layers[0].end == self._layers[0].columns:  # no free column left: lay out anew
+            for layer in self._layers:
+                layer.lay_out(self.rows, self.width, self.width + max(self._reserve, 1))
+        self._reserve -= 1
         self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         positions = self.attention_mask.sum(dim=-1, keepdim=True) - 1
         out = model(
@@ -209,6 +317,12 @@ class Batch:
             column = tokens.unsqueeze(1)
             self.output_counts.scatter_add_(1, column, torch.ones_like(column, dtype=torch.int32))
             self.seen.scatter_(1, column, True)
+
+
+def _steps_left(rows) -> int:
+    """Columns the rows will still write at most: their most steps left, plus one for the token
+    chosen last."""
+    return max((row.steps_left for row in rows), default=0) + 1
 
 
 class ChunkedPrefill:

@@ -293,9 +293,8 @@ class Engine:
 
     def _join(self, rows: list[Row], group: Batch, deltas: list[Delta]) -> None:
         """Deliver the new rows' first tokens; those still running join the batch."""
-        keep = self._deliver(rows, deltas)
-        group = group.filter(keep, [rows[i] for i in keep])
-        self._rows = self._rows + [rows[i] for i in keep]
+        joining = group.filter(self._deliver(rows, deltas), rows)
+        self._rows = self._rows + joining
         self._batch = Batch.concatenate([self._batch, group], self._rows)
 
     def _decode_step(self) -> None:
@@ -312,9 +311,8 @@ class Engine:
                 self._fail(list(dict.fromkeys(row.handle for row in rows)), exc)
                 return
             with section("bookkeeping"):
-                keep = self._deliver(rows, deltas)
-                self._rows = [rows[i] for i in keep]
-                self._batch = batch.filter(keep, self._rows)
+                self._rows = batch.filter(self._deliver(rows, deltas), rows)
+                self._batch = batch if self._rows else None
         self.observer.decoded(len(rows), time.perf_counter() - started)
 
     @property

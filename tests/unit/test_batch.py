@@ -67,10 +67,8 @@ def test_prefill_join_and_leave_match_unbatched_runs(arch, tiny):
         advance(batch, rows, logits)
 
     # The first row leaves; the others go on as if it had never been there.
-    keep = [1, 2]
-    rows = [rows[i] for i in keep]
-    batch = batch.filter(keep, rows)
-    assert len(batch) == 2
+    rows = batch.filter([1, 2], rows)
+    assert len(batch) == len(rows) == 2
     for _ in range(3):
         logits = batch.forward(model)
         check(logits, rows)
@@ -116,3 +114,52 @@ def test_a_prompt_prefilled_in_chunks_equals_one_pass(arch, tiny):
     advance(batch, whole_rows, logits)
     advance(chunked, chunked_rows, chunked_logits)
     torch.testing.assert_close(chunked.forward(model), batch.forward(model), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.inference_mode()
+def test_rows_stay_exact_through_many_joins_leaves_and_storage_layouts(arch, tiny, tokenizer):
+    """Rows join and leave while others decode, the storage grows, and the window runs out of
+    columns and shifts back; every step's logits still equal each sequence run alone. GPT-Neo gets
+    a local-attention window of 8 tokens here, so its sequences outgrow the window."""
+    model = tiny[arch].model
+    if arch == "gpt-neo":
+        config = model.config.__class__(**{**model.config.to_dict(), "window_size": 8})
+        torch.manual_seed(0)
+        model = model.__class__(config).eval()
+    vocab = model.config.vocab_size
+
+    def check(batch_logits, rows):
+        for row, got in zip(rows, batch_logits):
+            torch.testing.assert_close(got, alone_logits(model, row), atol=1e-4, rtol=1e-4)
+
+    def prefilled(prompt: str, n: int = 1):
+        joining = rows_for(tokenizer, prompt, n=n, new=24)
+        group, logits, _ = Batch.prefill(model, joining, vocab, [None])
+        check(logits, joining)
+        advance(group, joining, logits)
+        return group, joining
+
+    batch, rows = prefilled(PROMPTS[0])
+    layouts = []  # (storage, last column written) after each step
+    for turn in range(90):
+        if turn in (3, 9, 20, 41):  # a request joins; at 9 a longer prompt than any running one
+            group, joining = prefilled(PROMPTS[1] if turn == 9 else PROMPTS[turn % 3], n=2 if turn == 3 else 1)
+            rows = rows + joining
+            batch = Batch.concatenate([batch, group], rows)
+        if turn in (15, 30):  # at 15 the second row leaves, at 30 all but the newest
+            stores = [layer.key_store.data_ptr() for layer in batch.cache.layers]
+            before = list(rows)
+            keep = [i for i in range(len(rows)) if i != 1] if turn == 15 else [len(rows) - 1]
+            rows = batch.filter(keep, rows)
+            # The last row takes the freed slot; nobody else moves, and the storage stays.
+            expected = [before[-1] if i == 1 else before[i] for i in range(len(before) - 1)]
+            assert rows == (expected if turn == 15 else [before[-1]])
+            assert [layer.key_store.data_ptr() for layer in batch.cache.layers] == stores
+        logits = batch.forward(model)
+        check(logits, rows)
+        advance(batch, rows, logits)
+        layouts.append((batch.cache.layers[0].key_store.data_ptr(), batch.cache.layers[0].end))
+    # The storage grew, and the window also went back to its start within the same storage.
+    assert len({ptr for ptr, _ in layouts}) >= 2
+    assert any(ptr == old_ptr and end < old_end for (old_ptr, old_end), (ptr, end) in zip(layouts, layouts[1:]))
