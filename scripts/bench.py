@@ -12,10 +12,10 @@ What it does:
 2. measures in-process `model.generate` at batch 1 and 16 (the baseline);
 3. starts the real server (`python -m app`) on that model, once per --quantize mode (float32, then
    QUANTIZE=int8), and for each concurrency level runs that many clients in parallel streaming
-   `/generate_stream` with different ~32-token prompts, 128 new tokens, sampling with top-k 50 and
+   `/generate_stream` with different 32-word (about 100-token) prompts, 128 new tokens, sampling with top-k 50 and
    temperature 0.6;
-4. prints aggregate generated tokens/s, p50/p90 latency, p50 time to first token and the server's
-   peak resident memory, each throughput also as a ratio to the float32 baseline.
+4. prints aggregate generated tokens/s, p50/p90 latency, p50 time to first token and the peak
+   resident memory of all the server's processes, each throughput also as a ratio to the float32 baseline.
 
 With --profile it instead drives the engine in this process (float32, same requests) and prints,
 for each batch size, the share of a decoding step spent in the model's forward, penalties,
@@ -47,23 +47,27 @@ SAMPLING = {"do_sample": True, "top_k": 50, "temperature": 0.6}
 # ---- the model ----------------------------------------------------------------------------------
 
 def byte_level_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer of exactly `vocab_size` tokens: the 256 bytes plus byte pairs.
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens: the 256 bytes, then every pair and
+    as many triples as fit of the 95 printable ASCII characters (space included).
 
-    It has no end-of-sequence token: the random model can never stop a request early.
+    Every token but the 161 single non-ASCII bytes decodes to printable ASCII, so nearly every token
+    the random model picks shows up as text at once: a streaming client's time to first text is the
+    time to first token, not the wait for a complete UTF-8 character. It has no end-of-sequence
+    token: the random model can never stop a request early.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    alphabet.sort()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
+    printable = [chr(c) for c in range(0x21, 0x7F)] + ["\u0120"]  # byte-level's own name for the space
     merges = []
-    for a in alphabet:
-        for b in alphabet:
+    for left in [*printable, *(a + b for a in printable for b in printable)]:
+        for right in printable:
             if len(vocab) >= vocab_size:
                 break
-            vocab[a + b] = len(vocab)
-            merges.append((a, b))
+            vocab[left + right] = len(vocab)
+            merges.append((left, right))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -156,15 +160,17 @@ class RunningServer:
             time.sleep(0.5)
         raise TimeoutError("server did not become ready")
 
-    def worker_peak_rss_mb(self) -> float:
-        """Peak resident memory (VmHWM) of the gunicorn worker, which holds the model."""
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory (VmHWM) of all the server's processes together: the gunicorn master
+        and its worker, which holds the model."""
         import psutil
 
+        server = psutil.Process(self.process.pid)
         peak = 0
-        for proc in [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]:
+        for proc in [server, *server.children(recursive=True)]:
             for line in pathlib.Path(f"/proc/{proc.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]))
+                    peak += int(line.split()[1])
         return peak / 1024
 
     def stop(self) -> None:
@@ -221,7 +227,7 @@ def measure_server(server: RunningServer, label: str, concurrency: int, requests
         p50_latency=statistics.median(latencies),
         p90_latency=latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
         p50_ttft=statistics.median(r[0] for r in results),
-        peak_rss_mb=server.worker_peak_rss_mb(),
+        peak_rss_mb=server.peak_rss_mb(),
     )
 
 
@@ -305,7 +311,7 @@ def profile_engine(model_dir: pathlib.Path, batch_sizes: list[int], threads: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=pathlib.Path, default=ROOT / ".cache" / "bench-gpt2-small")
+    parser.add_argument("--model-dir", type=pathlib.Path, default=ROOT / ".cache" / "bench-gpt2-ascii")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--port", type=int, default=49170)

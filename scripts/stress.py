@@ -352,7 +352,7 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=pathlib.Path, default=ROOT / ".cache" / "bench-gpt2-small")
+    parser.add_argument("--model-dir", type=pathlib.Path, default=ROOT / ".cache" / "bench-gpt2-ascii")
     parser.add_argument("--port", type=int, default=49180)
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument("--idle-sockets", type=int, default=1000)
