@@ -8,9 +8,12 @@ Two tiers of API tests:
 - in process (`api`, `make_api`; `live_api`, `make_live_api` over HTTP; `inprocess_openai`): apps
   that share one real engine per model, which `create_app` built and loaded (from the model's folder,
   as MODEL_ID=/a/folder does); fast, no subprocess, for everything that does not need gunicorn, a
-  client's disconnect, a signal or a process of its own;
-- a real server (`start_server`, `gpt2_server`): `python -m app` under gunicorn, for client libraries
-  over real HTTP, disconnects, signals, boot refusals and process-wide settings.
+  client's disconnect, a signal or a process of its own. Settings that change the engine (dtype,
+  quantization, memory, batch and queue limits) get an app built with an engine of its own from
+  them (`inprocess_server`), as a worker of `python -m app` builds it;
+- a real server (`start_server`, `gpt2_server`, `one_at_a_time_server`): `python -m app` under
+  gunicorn, for client libraries over real HTTP, disconnects, signals, boot refusals and process-wide
+  settings. Tests that use the same settings share one server (`start_server(shared=True, ...)`).
 """
 
 from __future__ import annotations
@@ -115,8 +118,12 @@ class Server:
                     return self
             except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log}")
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
 
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:
@@ -128,6 +135,26 @@ class Server:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+    def kill(self) -> None:
+        """End the server and its worker at once, for a test that has checked everything it wanted
+        before (a graceful stop would wait for the requests it left running)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._log.close()
+
+
+def stop_all(servers: list[Server], timeout: float = 30) -> None:
+    """SIGTERM every server still running at once, then wait for each (the slowest bounds the wait)."""
+    for server in servers:
+        if server.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                server.process.send_signal(signal.SIGTERM)
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop(timeout)
 
 
 def server_env(tiny_models: TinyModels, **settings) -> dict[str, str]:
@@ -150,27 +177,45 @@ def server_env(tiny_models: TinyModels, **settings) -> dict[str, str]:
 def start_server(tiny_models, tmp_path_factory):
     """Factory: `start_server(MODEL_ID=..., MAX_QUEUE=...)` starts a server and waits until it is ready.
 
+    `start_server(shared=True, ...)` gives the server already running with exactly these settings, if
+    there is one, else starts it: tests that use the same settings share one process (a test that ends
+    its server, say with SIGTERM, leaves the next one a fresh server).
     Every server started this way is stopped at the end of the session; stop one earlier with `.stop()`.
     The working directory is an empty folder, so the repository's `.env` does not apply.
     """
     started: list[Server] = []
+    by_settings: dict[tuple, Server] = {}  # the shared servers
 
-    def start(wait: bool = True, cwd: pathlib.Path | None = None, **settings) -> Server:
+    def start(wait: bool = True, cwd: pathlib.Path | None = None, shared: bool = False, **settings) -> Server:
+        key = tuple(sorted((name.upper(), str(value)) for name, value in settings.items()))
+        if shared and key in by_settings and by_settings[key].running:
+            return by_settings[key].wait_ready() if wait else by_settings[key]
         run_dir = cwd or tmp_path_factory.mktemp("server")
         server = Server(server_env(tiny_models, **settings), run_dir, run_dir / "server.log")
         started.append(server)
+        if shared:
+            by_settings[key] = server
         return server.wait_ready() if wait else server
 
     yield start
-    for server in started:
-        with contextlib.suppress(Exception):
-            server.stop()
+    stop_all(started)
 
 
-@pytest.fixture(scope="session")
+ONE_AT_A_TIME_KEY = "test-secret-key"
+
+
+@pytest.fixture
+def one_at_a_time_server(start_server) -> Server:
+    """A shared server with one place in the batch and one in the queue, that wants an API key
+    (ONE_AT_A_TIME_KEY): refusals, waits and cancellations happen there at will."""
+    return start_server(shared=True, MAX_BATCH_SIZE=1, MAX_QUEUE=1, API_KEY=ONE_AT_A_TIME_KEY)
+
+
+@pytest.fixture
 def gpt2_server(start_server) -> Server:
-    """One shared server with tiny GPT-2 and default settings, for tests that do not change settings."""
-    return start_server()
+    """One shared server with tiny GPT-2 and default settings, for tests that do not change settings
+    (started again if a test ended it)."""
+    return start_server(shared=True)
 
 
 # ---- the API in process ---------------------------------------------------------------------------
@@ -216,7 +261,8 @@ def inprocess_engine(tiny_models, inprocess_engines):
 @pytest.fixture(scope="session")
 def make_api(tiny_models, inprocess_engines, app_errors):
     """Factory: `make_api(API_KEY="k", MAX_NEW_TOKENS=8)` gives a test client of a fresh app with these
-    settings over the shared engine of its MODEL_ID (engine settings such as MAX_QUEUE need a real server)."""
+    settings over the shared engine of its MODEL_ID (engine settings such as MAX_QUEUE need an engine of
+    their own: `inprocess_server`)."""
     from app.factory import create_app
 
     def make(**settings) -> FlaskClient:
@@ -238,7 +284,9 @@ class LiveApi:
         self._server = make_server("127.0.0.1", 0, app, threaded=True)
         self.port = self._server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._server.serve_forever, name=f"live-api-{self.port}", daemon=True).start()
+        # A short poll interval: `stop` waits for the loop to see it (socketserver's default is 0.5 s).
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                         name=f"live-api-{self.port}", daemon=True).start()
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -263,6 +311,110 @@ def make_live_api(make_api):
 def live_api(make_live_api) -> LiveApi:
     """The default in-process app over HTTP."""
     return make_live_api()
+
+
+class LogLines(logging.Handler):
+    """Every record logged while it is installed, as the server's text log shows it."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class InProcessServer:
+    """An app that `create_app(settings)` built with an engine of its own, which loaded the model as a
+    worker of `python -m app` does (fit check, dtype, quantization, batch limits from these settings):
+    `client` (a Flask test client), `url` (the app over real HTTP, see LiveApi), and `log`, the lines
+    the app logged while it was built and its model loaded."""
+
+    def __init__(self, settings):
+        from app.factory import create_app
+
+        lines, app_logger = LogLines(), logging.getLogger("app")
+        level = app_logger.level
+        app_logger.addHandler(lines)
+        app_logger.setLevel(logging.INFO)  # the server logs at INFO by default; pytest leaves WARNING
+        try:
+            self.app = create_app(settings, exit_on_load_failure=False)
+            self.engine = self.app.extensions["engine"]
+            loaded = wait_until(lambda: self.engine.state != "loading", 120)
+        finally:
+            app_logger.removeHandler(lines)
+            app_logger.setLevel(level)
+        assert loaded, f"the in-process engine for {settings.model_id} did not load"
+        assert self.engine.ready, f"the in-process engine for {settings.model_id} failed: {self.engine.failure}"
+        self.settings = self.app.extensions["settings"]
+        self.log = "\n".join(lines.lines)
+        self._live: LiveApi | None = None
+        self._stopped = False
+
+    @property
+    def client(self) -> FlaskClient:
+        return self.app.test_client()
+
+    @property
+    def url(self) -> str:
+        if self._live is None:
+            self._live = LiveApi(self.app)
+        return self._live.url
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._live is not None:
+            self._live.stop()
+        self.engine.stop()
+        self.engine.join(30)
+
+    def inject_faults(self, **faults) -> None:
+        """tests/faults' FAULT_* for this engine's model alone, e.g. `inject_faults(at_length=60)`:
+        its forward pass raises where a real fault would surface (see tests/faults/sitecustomize.py)."""
+        from tests.faults.sitecustomize import raise_injected_fault
+
+        model = self.engine.loaded.model
+        forward = model.forward
+
+        def faulty_forward(*args, **kwargs):
+            raise_injected_fault(kwargs.get("input_ids"), kwargs.get("attention_mask"), **faults)
+            return forward(*args, **kwargs)
+
+        model.forward = faulty_forward  # an attribute of this model only: other engines are untouched
+
+
+@pytest.fixture(scope="session")
+def inprocess_server(tiny_models):
+    """Factory: `inprocess_server(MODEL_ID=folder, QUANTIZE="int8")` gives an InProcessServer built from
+    these settings (on tiny GPT-2 unless told otherwise), for settings that change the engine (dtype,
+    quantization, memory, batch and queue limits). One per distinct settings for the session;
+    `fresh=True` builds one of the test's own (one whose model a test alters). Or pass `settings=`
+    already loaded (`load_settings()` as `python -m app` calls it)."""
+    built: dict[tuple, InProcessServer] = {}
+    fresh_ones: list[InProcessServer] = []
+
+    def get(fresh: bool = False, settings=None, **values) -> InProcessServer:
+        if settings is not None:
+            server = InProcessServer(settings)
+            fresh_ones.append(server)
+            return server
+        values = {name: str(value) if isinstance(value, pathlib.Path) else value for name, value in values.items()}
+        key = tuple(sorted((name.upper(), str(value)) for name, value in values.items()))
+        if fresh or key not in built:
+            server = InProcessServer(inprocess_settings(tiny_models, **values))
+            if fresh:
+                fresh_ones.append(server)
+                return server
+            built[key] = server
+        return built[key]
+
+    yield get
+    for server in [*built.values(), *fresh_ones]:
+        with contextlib.suppress(Exception):
+            server.stop()
 
 
 class ErrorRecords(logging.Handler):

@@ -8,6 +8,8 @@ inside the model's forward pass (as a CUDA out-of-memory error does).
 - FAULT_AT_LENGTH=L: a forward pass whose attention mask is exactly L columns wide (a decoding
   step of a batch whose longest sequence reaches L) raises torch.OutOfMemoryError.
 - FAULT_KILL_AT_LENGTH=L: the same, but raises SystemExit, which kills the engine thread.
+- FAULT_RESTART_AFTER_SECONDS=S: a worker whose engine died exits to be replaced after S seconds
+  instead of the server's RESTART_AFTER_ENGINE_DEATH_SECONDS (what it does meanwhile is unchanged).
 - FAULT_HOLD_TORCH_UNTIL=FILE: the process's first `import torch` waits until FILE exists (a slow
   disk or a cold cache, for as long as a test needs).
 """
@@ -17,24 +19,32 @@ import sys
 from time import sleep as native_sleep  # taken before gevent patches `time` in the server's worker
 
 
+def raise_injected_fault(input_ids, attention_mask, prompt_token=None, at_length=None, kill_at_length=None) -> None:
+    """Raise the fault these settings ask for, if this forward pass of the whole model is where it belongs
+    (also used by the tests for an in-process engine's model)."""
+    import torch
+
+    if input_ids is None:
+        return
+    width = attention_mask.shape[-1] if attention_mask is not None else None
+    if prompt_token is not None and (input_ids == int(prompt_token)).sum() > 1:
+        raise torch.OutOfMemoryError("injected: out of memory during prefill")
+    if at_length is not None and width == int(at_length):
+        raise torch.OutOfMemoryError("injected: out of memory during a decoding step")
+    if kill_at_length is not None and width == int(kill_at_length):
+        raise SystemExit("injected: engine thread killed")
+
+
 def _install() -> None:
     import torch
 
-    prompt_token = os.environ.get("FAULT_PROMPT_TOKEN")
-    at_length = os.environ.get("FAULT_AT_LENGTH")
-    kill_at_length = os.environ.get("FAULT_KILL_AT_LENGTH")
+    faults = {"prompt_token": os.environ.get("FAULT_PROMPT_TOKEN"), "at_length": os.environ.get("FAULT_AT_LENGTH"),
+              "kill_at_length": os.environ.get("FAULT_KILL_AT_LENGTH")}
     original = torch.nn.Module.__call__
 
     def faulty_call(self, *args, **kwargs):
-        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        if input_ids is not None and hasattr(self, "lm_head"):  # the engine's call of the whole model
-            width = attention_mask.shape[-1] if attention_mask is not None else None
-            if prompt_token is not None and (input_ids == int(prompt_token)).sum() > 1:
-                raise torch.OutOfMemoryError("injected: out of memory during prefill")
-            if at_length is not None and width == int(at_length):
-                raise torch.OutOfMemoryError("injected: out of memory during a decoding step")
-            if kill_at_length is not None and width == int(kill_at_length):
-                raise SystemExit("injected: engine thread killed")
+        if hasattr(self, "lm_head"):  # the engine's call of the whole model
+            raise_injected_fault(kwargs.get("input_ids"), kwargs.get("attention_mask"), **faults)
         return original(self, *args, **kwargs)
 
     torch.nn.Module.__call__ = faulty_call
@@ -42,6 +52,35 @@ def _install() -> None:
 
 if any(os.environ.get(k) for k in ("FAULT_PROMPT_TOKEN", "FAULT_AT_LENGTH", "FAULT_KILL_AT_LENGTH")):
     _install()
+
+
+class _AfterImport:
+    """A finder that only adds a step: `name` is found and executed as usual, then `then(module)` runs."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else finder.find_spec(name, path, target)
+            if spec is not None:
+                execute = spec.loader.exec_module
+
+                def and_then(module):
+                    execute(module)
+                    self.then(module)
+
+                spec.loader.exec_module = and_then
+                return spec
+        return None
+
+
+if os.environ.get("FAULT_RESTART_AFTER_SECONDS"):
+    # How long a worker whose engine died goes on answering 503 before it exits to be replaced.
+    sys.meta_path.insert(0, _AfterImport("app.factory", lambda module: setattr(
+        module, "RESTART_AFTER_ENGINE_DEATH_SECONDS", float(os.environ["FAULT_RESTART_AFTER_SECONDS"]))))
 
 
 class _HoldTorch:
