@@ -1,7 +1,8 @@
 """Precision: the dtype the server picks, the one it refuses, and half precision computing what float32 does.
 
-Server behaviour is checked through the real `python -m app`. The numerics are checked on the model
-objects the loader returns (the production loading path: memory-mapped safetensors converted chunk by
+Server behaviour is checked through the real `python -m app` where it refuses to start, and through
+apps that `create_app` built in process from the settings (the engine loads the model as a worker of
+`python -m app` does) where it serves. The numerics are checked on the model objects the loader returns (the production loading path: memory-mapped safetensors converted chunk by
 chunk, the attention implementation the loader picks), against float32 logits of the same weights.
 """
 
@@ -42,20 +43,14 @@ def test_auto_is_float32_on_the_cpu(gpt2_server):
     assert health["dtype"] == "float32"
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def bfloat16_server(request, start_server, tiny_models):
-    server = start_server(MODEL_ID=tiny_models.repo_ids[request.param], DTYPE="bfloat16")
-    yield server
-    server.stop()
-
-
-def test_bfloat16_serves_on_the_cpu(bfloat16_server):
-    health = requests.get(bfloat16_server.url + "/health", timeout=30).json()
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_bfloat16_serves_on_the_cpu(inprocess_server, tiny_models, arch):
+    server = inprocess_server(MODEL_ID=tiny_models.folders[arch], DTYPE="bfloat16", DEVICE="auto")
+    health = server.client.get("/health").get_json()
     assert (health["status"], health["device"], health["dtype"]) == ("ok", "cpu", "bfloat16")
-    response = requests.post(bfloat16_server.url + "/generate",
-                             json={"text": {"plain": PROMPT}, "max_length": 40}, timeout=120)
-    assert response.status_code == 200, response.text
-    text = response.json()["sentences"][0]["generated_text"]
+    response = server.client.post("/generate", json={"text": {"plain": PROMPT}, "max_length": 40})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    text = response.get_json()["sentences"][0]["generated_text"]
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
 
 

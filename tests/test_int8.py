@@ -1,9 +1,11 @@
 """QUANTIZE=int8: int8 linear layers on the CPU, for GPT-2, GPT-Neo and GPT-J.
 
 The numerics are checked on the model objects the loader returns (the production loading path), against
-float32 logits of the same weights. Everything a user does with the option goes through the real server:
-health, greedy and sampled text, streaming, seeds, log-probabilities, cancellation, and the refusals at
-boot where int8 does not apply. How good int8 is on a trained model is measured by
+float32 logits of the same weights. What a user does with the option goes over HTTP to an app that
+`create_app` built in process with QUANTIZE=int8 (its engine loads and quantizes the model as a worker of
+`python -m app` does): health, greedy and sampled text, streaming, seeds, log-probabilities. The real
+server serves what needs it: cancellation when a client goes away (gunicorn's socket tells), and the
+refusals at boot where int8 does not apply. How good int8 is on a trained model is measured by
 scripts/quality_int8.py (random tiny models cannot tell), how fast by scripts/bench.py.
 """
 
@@ -112,15 +114,15 @@ def test_a_model_on_another_dtype_is_refused(tiny_models):
         quantize(loaded.model, settings(tiny_models.folders["gpt2"], quantize="int8"))
 
 
-# ---- through the real server -----------------------------------------------------------------------
+# ---- serving ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
-def int8_server(request, start_server, tiny_models):
-    server = start_server(MODEL_ID=tiny_models.repo_ids[request.param], QUANTIZE="int8")
+def int8_server(request, inprocess_server, tiny_models):
+    """The app with QUANTIZE=int8 over HTTP (`url`), with the lines it logged while it loaded (`log`)."""
+    server = inprocess_server(MODEL_ID=tiny_models.folders[request.param], QUANTIZE="int8", DEVICE="auto")
     server.arch = request.param
-    yield server
-    server.stop()
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -257,17 +259,26 @@ def cancelled_requests(server) -> float:
     return next(s.value for s in samples if s.name == "gpt_server_requests_cancelled_total")
 
 
-def test_a_cancelled_stream_is_dropped_from_the_batch(int8_server, tiny_models):
-    before = cancelled_requests(int8_server)
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def int8_real_server(request, start_server, tiny_models):
+    server = start_server(MODEL_ID=tiny_models.repo_ids[request.param], QUANTIZE="int8")
+    server.arch = request.param
+    yield server
+    server.stop()
+
+
+def test_a_cancelled_stream_is_dropped_from_the_batch(int8_real_server, tiny_models):
+    server = int8_real_server
+    before = cancelled_requests(server)
     # The rest of the context, end-of-text ignored: it runs until the client leaves.
-    body = {"model": tiny_models.repo_ids[int8_server.arch], "prompt": "Hello", "max_tokens": None,
+    body = {"model": tiny_models.repo_ids[server.arch], "prompt": "Hello", "max_tokens": None,
             "stream": True, "ignore_eos": True}
-    response = requests.post(int8_server.url + "/v1/completions", json=body, stream=True, timeout=60)
+    response = requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60)
     next(line for line in response.iter_lines() if line.startswith(b"data: "))
     response.close()
-    assert wait_until(lambda: batch_size(int8_server.url) == 0, timeout=30), "the cancelled request stayed"
-    assert cancelled_requests(int8_server) == before + 1, "not cancelled: it ran to its end"
-    assert continuation(generate(int8_server.url, "Still", max_new_tokens=4), "Still")
+    assert wait_until(lambda: batch_size(server.url) == 0, timeout=30), "the cancelled request stayed"
+    assert cancelled_requests(server) == before + 1, "not cancelled: it ran to its end"
+    assert continuation(generate(server.url, "Still", max_new_tokens=4), "Still")
 
 
 # ---- where it does not apply ---------------------------------------------------------------------
