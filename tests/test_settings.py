@@ -1,8 +1,13 @@
-"""Settings at boot, through the real `python -m app`: bad values, the original project's `.env` keys,
-a `.env` file in the working directory, and a model that is not on this machine."""
+"""Settings at boot: bad values, the original project's `.env` keys, a `.env` file in the working
+directory, and a model that is not on this machine.
+
+Refusals go through the real `python -m app` (its output and exit status). Settings that start a
+server are read in process by `load_settings()`, as `python -m app` reads them (the environment, a
+`.env` in the working directory), and served by the app and engine `create_app` builds from them."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -11,7 +16,8 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import Server, server_env
+from app.settings import load_settings
+from tests.conftest import free_port, server_env
 
 BOOT_TIMEOUT = 120
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -41,13 +47,27 @@ def refusal(result: subprocess.CompletedProcess) -> list[str]:
     return lines
 
 
-def start(tiny_models, tmp_path, unset=(), dotenv: str | None = None, **settings) -> Server:
-    env = server_env(tiny_models, **settings)
-    for key in unset:
-        env.pop(key, None)
-    if dotenv is not None:
-        (tmp_path / ".env").write_text(dotenv)
-    return Server(env, tmp_path, tmp_path / "server.log").wait_ready()
+@pytest.fixture
+def start(tiny_models, tmp_path, monkeypatch, inprocess_server):
+    """`start(unset=[...], dotenv="...", **settings)`: what `python -m app` serves when started in
+    `tmp_path` (with an optional `.env`) with this environment (tiny GPT-2 from its folder unless told
+    otherwise), in process: the settings as `load_settings()` reads them there, then the app."""
+
+    def boot_in_process(unset=(), dotenv: str | None = None, **settings):
+        for key in list(os.environ):
+            if key.startswith(("SRVREST_", "MODEL_", "API_KEY")):  # as server_env leaves them out
+                monkeypatch.delenv(key)
+        env = {"MODEL_ID": str(tiny_models.folders["gpt2"]), "HOST": "127.0.0.1", "PORT": str(free_port()),
+               "TORCH_THREADS": "1", **{key.upper(): str(value) for key, value in settings.items()}}
+        for key, value in env.items():
+            if key not in unset:
+                monkeypatch.setenv(key, value)
+        if dotenv is not None:
+            (tmp_path / ".env").write_text(dotenv)
+        monkeypatch.chdir(tmp_path)
+        return inprocess_server(settings=load_settings())
+
+    return boot_in_process
 
 
 # ---- Bad values ------------------------------------------------------------------------------------
@@ -103,21 +123,22 @@ def test_a_bad_value_in_dotenv_is_reported_the_same_way(tiny_models, tmp_path):
 # ---- .env in the working directory -------------------------------------------------------------------
 
 
-def test_dotenv_supplies_defaults_and_the_environment_wins(tiny_models, tmp_path):
+def test_dotenv_supplies_defaults_and_the_environment_wins(tiny_models, start):
+    gptj = str(tiny_models.folders["gptj"])
     dotenv = "\n".join([
         "# an operator's .env",
-        f"MODEL_ID={tiny_models.repo_ids['gptj']}",
+        f"MODEL_ID={gptj}",
         "MAX_NUM_RETURN_SEQUENCES=2",
         "MAX_STOP_SEQUENCES=1",
         "PORT=99999",  # would not even be a valid port: the environment's PORT wins over it
         "",
     ])
-    server = start(tiny_models, tmp_path, unset=["MODEL_ID"], dotenv=dotenv, MAX_STOP_SEQUENCES="3")
+    server = start(unset=["MODEL_ID"], dotenv=dotenv, MAX_STOP_SEQUENCES="3")
     try:
-        assert requests.get(server.url + "/health", timeout=30).json()["model"] == tiny_models.repo_ids["gptj"]
-        body = {"text": {"plain": "Hello"}, "max_length": 10, "do_sample": True}
+        assert requests.get(server.url + "/health", timeout=30).json()["model"] == gptj
+        body = {"text": {"plain": "Hello"}, "max_length": 10, "do_sample": True, "seed": 1}
         answer = requests.post(server.url + "/generate", json=body, timeout=60).json()
-        assert answer["model"] == tiny_models.repo_ids["gptj"]
+        assert answer["model"] == gptj
         too_many = requests.post(server.url + "/generate", json={**body, "num_return_sequences": 3}, timeout=60)
         assert too_many.status_code == 422 and "at most 2" in too_many.json()["error"]["message"]
         three_stops = requests.post(server.url + "/generate", json={**body, "stop": ["x", "y", "z"]}, timeout=60)
@@ -155,22 +176,22 @@ def test_srvrest_cuda_dev_asks_for_cuda(tiny_models, tmp_path):
     assert "DEVICE=cpu" in lines[0], lines  # what to do instead
 
 
-def test_srvrest_cuda_dev_minus_one_serves_on_the_cpu(tiny_models, tmp_path):
-    server = start(tiny_models, tmp_path, unset=["DEVICE"], SRVREST_CUDA_DEV="-1")
+def test_srvrest_cuda_dev_minus_one_serves_on_the_cpu(tiny_models, start):
+    server = start(unset=["DEVICE"], SRVREST_CUDA_DEV="-1")
     try:
         health = requests.get(server.url + "/health", timeout=30).json()
-        assert health["device"] == "cpu" and health["model"] == tiny_models.repo_ids["gpt2"]
+        assert health["device"] == "cpu" and health["model"] == str(tiny_models.folders["gpt2"])
         answer = requests.post(server.url + "/generate", json={"text": {"plain": "Hello"}, "max_length": 8}, timeout=60)
         assert answer.status_code == 200, answer.text
     finally:
         server.stop()
 
 
-def test_model_id_and_device_win_over_the_srvrest_keys(tiny_models, tmp_path):
-    server = start(tiny_models, tmp_path, DEVICE="cpu", SRVREST_MODEL="4", SRVREST_CUDA_DEV="0")
+def test_model_id_and_device_win_over_the_srvrest_keys(tiny_models, start):
+    server = start(DEVICE="cpu", SRVREST_MODEL="4", SRVREST_CUDA_DEV="0")
     try:
         health = requests.get(server.url + "/health", timeout=30).json()
-        assert health["model"] == tiny_models.repo_ids["gpt2"] and health["device"] == "cpu"
+        assert health["model"] == str(tiny_models.folders["gpt2"]) and health["device"] == "cpu"
     finally:
         server.stop()
 
