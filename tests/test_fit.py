@@ -1,8 +1,10 @@
 """The fit check at boot, memory settings, and the memory a load really takes.
 
-Boot behaviour goes through the real `python -m app`: refusing with a message that says what is needed,
-what is there and what would fit; starting with lower batch limits (logged, shown by /health, enforced
-on requests); falling back to bfloat16 under DTYPE=auto. The planning arithmetic for GPUs is checked
+Refusing to boot goes through the real `python -m app`, with a message that says what is needed, what
+is there and what would fit. Starting with lower batch limits (logged, shown by /health, enforced on
+requests), FIT_CHECK=false and falling back to bfloat16 under DTYPE=auto go through apps that
+`create_app` built in process from those settings (the fit check and the load a worker of
+`python -m app` runs). The planning arithmetic for GPUs is checked
 with the planner's own inputs (the model's shape and a memory budget), which needs no GPU. The peak
 resident memory of a load is measured in a fresh process on a GPT-2-medium-sized model.
 """
@@ -49,7 +51,7 @@ def tiny_shape(tiny_models, arch: str = "gpt2"):
     return model_shape(load_config(settings(model_id=str(tiny_models.folders[arch]))))
 
 
-# ---- through the real server ---------------------------------------------------------------------
+# ---- at boot ----------------------------------------------------------------------------------------
 
 
 def test_refuses_to_start_when_the_model_does_not_fit(start_server):
@@ -67,48 +69,44 @@ def test_refuses_to_start_when_the_model_does_not_fit(start_server):
     assert "FIT_CHECK=false starts anyway" in line
 
 
-def test_lowers_the_batch_limits_when_they_do_not_fit(start_server, tiny_models):
+def test_lowers_the_batch_limits_when_they_do_not_fit(inprocess_server, tiny_models):
     # Room for the model and a few thousand tokens of batch space, not for the configured 32768.
-    server = start_server(MEMORY_LIMIT="200MiB", MAX_BATCH_TOKENS=32768, MAX_BATCH_SIZE=32)
+    server = inprocess_server(MEMORY_LIMIT="200MiB", MAX_BATCH_TOKENS=32768, MAX_BATCH_SIZE=32, DEVICE="auto")
     assert "lowered the batch limits to fit in memory: MAX_BATCH_TOKENS 32768 ->" in server.log
-    health = requests.get(server.url + "/health", timeout=30).json()
+    health = server.client.get("/health").get_json()
     context = health["context_length"]
     assert context <= health["max_batch_tokens"] < 32768
     assert health["max_batch_size"] <= 32
 
     # A request within the lowered limit is served ...
-    ok = requests.post(server.url + "/generate", json={"text": {"plain": "Hello"}, "max_length": 30}, timeout=120)
-    assert ok.status_code == 200, ok.text
+    ok = server.client.post("/generate", json={"text": {"plain": "Hello"}, "max_length": 30})
+    assert ok.status_code == 200, ok.get_data(as_text=True)
     # ... and one that only the configured limit would have allowed is refused, naming the limit in force.
     n = health["max_batch_tokens"] // context + 1
     assert n <= 8, "the lowered limit leaves too much room for this test's request"
-    refused = requests.post(server.url + "/generate", json={
-        "text": {"plain": "Hello"}, "max_length": context, "num_return_sequences": n, "do_sample": True},
-        timeout=120)
-    assert refused.status_code == 422, refused.text
-    assert str(health["max_batch_tokens"]) in refused.json()["error"]["message"]
-    assert "MAX_BATCH_TOKENS" in refused.json()["error"]["message"]
-    server.stop()
+    refused = server.client.post("/generate", json={
+        "text": {"plain": "Hello"}, "max_length": context, "num_return_sequences": n, "do_sample": True, "seed": 1})
+    assert refused.status_code == 422, refused.get_data(as_text=True)
+    assert str(health["max_batch_tokens"]) in refused.get_json()["error"]["message"]
+    assert "MAX_BATCH_TOKENS" in refused.get_json()["error"]["message"]
 
 
-def test_fit_check_false_starts_anyway(start_server):
-    server = start_server(MEMORY_LIMIT="32MiB", FIT_CHECK="false")
+def test_fit_check_false_starts_anyway(inprocess_server):
+    server = inprocess_server(MEMORY_LIMIT="32MiB", FIT_CHECK="false", DEVICE="auto")
     assert "starting anyway because FIT_CHECK=false" in server.log
-    health = requests.get(server.url + "/health", timeout=30).json()
+    health = server.client.get("/health").get_json()
     assert health["status"] == "ok" and health["max_batch_tokens"] == 32768
-    server.stop()
 
 
-def test_auto_falls_back_to_bfloat16_when_float32_does_not_fit(start_server, tiny_models):
+def test_auto_falls_back_to_bfloat16_when_float32_does_not_fit(inprocess_server, tiny_models):
     shape = tiny_shape(tiny_models)
     floor = min(32768, shape.context_length)
     float32 = memory_need(shape, torch.float32, 32).total(floor)
     bfloat16 = memory_need(shape, torch.bfloat16, 32).total(floor)
-    server = start_server(MEMORY_LIMIT=str((float32 + bfloat16) // 2), DTYPE="auto")
-    health = requests.get(server.url + "/health", timeout=30).json()
+    server = inprocess_server(MEMORY_LIMIT=str((float32 + bfloat16) // 2), DTYPE="auto", DEVICE="auto")
+    health = server.client.get("/health").get_json()
     assert health["dtype"] == "bfloat16"
     assert "DTYPE=auto: " in server.log and "loading it as bfloat16" in server.log
-    server.stop()
 
 
 def test_offload_is_refused_on_the_cpu(start_server):
@@ -277,19 +275,18 @@ print(json.dumps({"before": before, "peak": peak, "weights": weights, "dtype": s
 
 
 @pytest.fixture(scope="module")
-def gpt2_medium_float32(tmp_path_factory):
-    """A GPT-2-medium-sized model (355M parameters) stored in float32, as the hub stores it."""
+def gpt2_medium_float32(tmp_path_factory, tiny_models):
+    """A GPT-2-medium-sized model (355M parameters) stored in float32, as the hub stores it (with the tiny
+    GPT-2's tokenizer), and the tiny GPT-2 to warm up with."""
     from transformers import GPT2Config
 
     folder = tmp_path_factory.mktemp("gpt2-medium")
-    tokenizer_source = tmp_path_factory.mktemp("tokenizer")
-    subprocess.run([sys.executable, str(ROOT / "scripts/make_tiny_models.py"), str(tokenizer_source),
-                    "--only", "gpt2"], check=True, capture_output=True)
+    tiny = tiny_models.folders["gpt2"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((tokenizer_source / "gpt2" / name).read_bytes())
+        (folder / name).write_bytes((tiny / name).read_bytes())
     config = GPT2Config(n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, bos_token_id=0, eos_token_id=0)
     bench_models.write_random_checkpoint(folder, config, "float32")
-    return folder, tokenizer_source / "gpt2"
+    return folder, tiny
 
 
 @pytest.mark.slow
