@@ -1,10 +1,13 @@
-"""The continuous-batching engine, observed through the real HTTP server.
+"""The continuous-batching engine, observed over HTTP.
 
 Batched greedy output equals unbatched `model.generate`; per-request seeds repeat; stop strings
 are cut; a full queue is refused at once; disconnected clients are dropped from the batch; a
-failing step fails only the requests it concerns. The engine's parts on their own (sampling maths,
-the batch against unbatched runs for every architecture, the scheduler, the text filters) are
-tested in process under tests/unit/.
+failing step fails only the requests it concerns. The real server (`python -m app`) serves what
+needs it: batching under gunicorn, disconnects, an engine whose death restarts the worker. Engine
+settings (queue, batch limits) and injected faults are served by apps that `create_app` built in
+process with an engine of their own. The engine's parts on their own (sampling maths, the batch
+against unbatched runs for every architecture, the scheduler, the text filters) are tested in
+process under tests/unit/.
 """
 
 from __future__ import annotations
@@ -154,9 +157,9 @@ def test_stream_matches_non_streamed_text_and_counts(gpt2_server):
     assert final["usage"] == whole["usage"]
 
 
-def test_full_queue_is_refused_at_once(start_server, tiny_models):
-    server = start_server(MODEL_ID=tiny_models.repo_ids["gpt-neo"], MAX_BATCH_SIZE=1, MAX_QUEUE=1,
-                          MAX_NEW_TOKENS=2000)
+def test_full_queue_is_refused_at_once(inprocess_server, tiny_models):
+    server = inprocess_server(MODEL_ID=tiny_models.folders["gpt-neo"], MAX_BATCH_SIZE=1, MAX_QUEUE=1,
+                              MAX_NEW_TOKENS=2000)
     long = dict(max_new_tokens=1500)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         running = pool.submit(generate, server.url, "Hello", **long)
@@ -174,9 +177,9 @@ def test_full_queue_is_refused_at_once(start_server, tiny_models):
         running.result(), waiting.result()
 
 
-def test_request_waiting_too_long_is_refused(start_server, tiny_models):
-    server = start_server(MODEL_ID=tiny_models.repo_ids["gpt-neo"], MAX_BATCH_SIZE=1, QUEUE_TIMEOUT=0.5,
-                          MAX_NEW_TOKENS=2000)
+def test_request_waiting_too_long_is_refused(inprocess_server, tiny_models):
+    server = inprocess_server(MODEL_ID=tiny_models.folders["gpt-neo"], MAX_BATCH_SIZE=1, QUEUE_TIMEOUT=0.5,
+                              MAX_NEW_TOKENS=2000)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(generate, server.url, "Hello", max_new_tokens=1500)
         assert wait_until(lambda: batch_size(server.url) == 1)
@@ -188,8 +191,8 @@ def test_request_waiting_too_long_is_refused(start_server, tiny_models):
         running.result()
 
 
-def test_batch_token_budget_is_enforced(start_server, tiny_models):
-    server = start_server(MAX_BATCH_TOKENS=256)
+def test_batch_token_budget_is_enforced(inprocess_server):
+    server = inprocess_server(MAX_BATCH_TOKENS=256)
     response = requests.post(server.url + "/generate", json={
         "text": {"plain": "Hello"}, "max_new_tokens": 100, "do_sample": True, "num_return_sequences": 3})
     assert response.status_code == 422
@@ -224,10 +227,17 @@ def _fault_server(start_server, **faults):
     return start_server(PYTHONPATH=f"{ROOT}:{ROOT / 'tests' / 'faults'}", MAX_NEW_TOKENS=2000, **faults)
 
 
-def test_failed_prefill_fails_only_its_request(start_server, tiny_models):
+def _inprocess_fault_server(inprocess_server, **faults):
+    """An in-process app with an engine of its own whose model fails as tests/faults describes."""
+    server = inprocess_server(fresh=True, MAX_NEW_TOKENS=2000)
+    server.inject_faults(**faults)
+    return server
+
+
+def test_failed_prefill_fails_only_its_request(inprocess_server, tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models.folders["gpt2"])
     poison = tokenizer(" Zebra").input_ids[-1]
-    server = _fault_server(start_server, FAULT_PROMPT_TOKEN=poison)
+    server = _inprocess_fault_server(inprocess_server, prompt_token=poison)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(generate, server.url, "Hello", max_new_tokens=600)
         assert wait_until(lambda: batch_size(server.url) == 1)
@@ -238,8 +248,8 @@ def test_failed_prefill_fails_only_its_request(start_server, tiny_models):
     assert requests.get(server.url + "/health").status_code == 200
 
 
-def test_failed_step_fails_its_batch_and_the_engine_goes_on(start_server):
-    server = _fault_server(start_server, FAULT_AT_LENGTH=300)
+def test_failed_step_fails_its_batch_and_the_engine_goes_on(inprocess_server):
+    server = _inprocess_fault_server(inprocess_server, at_length=300)
     failed = requests.post(server.url + "/generate", json={"text": {"plain": "Hello"}, "max_new_tokens": 400})
     assert failed.status_code == 500
     assert failed.json()["error"]["code"] == "generation_failed"
@@ -248,7 +258,9 @@ def test_failed_step_fails_its_batch_and_the_engine_goes_on(start_server):
 
 
 def test_dead_engine_makes_health_fail_then_the_worker_restarts(start_server):
-    server = _fault_server(start_server, FAULT_KILL_AT_LENGTH=50)
+    # The worker exits to be replaced 3 s after its engine died (not the server's 10 s): time enough
+    # for the checks of the dead engine's answers below, which take milliseconds.
+    server = _fault_server(start_server, FAULT_KILL_AT_LENGTH=50, FAULT_RESTART_AFTER_SECONDS=3)
     response = requests.post(server.url + "/generate", json={"text": {"plain": "Hello"}, "max_new_tokens": 100})
     assert response.status_code == 503
     health = requests.get(server.url + "/health")
