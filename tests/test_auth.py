@@ -1,10 +1,12 @@
 """API keys and CORS over HTTP, with requests, curl-style headers and the openai client.
 
-The app with keys is served in process (`make_live_api`); what needs a process of its own (the
-warning at boot, refusals of bad settings) runs the real server."""
+The apps are served in process (`make_live_api`, `make_api`; the warning an app without keys logs
+when it is built is caught there too); what needs a process of its own (refusals of bad settings,
+what the real server writes to its log) runs the real server."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -144,12 +146,13 @@ def test_cors_preflight_and_answers_for_the_configured_origin(server):
     assert "Access-Control-Allow-Origin" not in stranger.headers
 
 
-def test_no_cors_and_a_warning_without_a_key_beyond_localhost(start_server):
-    server = start_server(HOST="0.0.0.0")
+def test_no_cors_and_a_warning_without_a_key_beyond_localhost(make_live_api, caplog):
+    with caplog.at_level(logging.WARNING, logger="app"):
+        server = make_live_api(HOST="0.0.0.0")
     answer = requests.get(server.url + "/v1/models", headers={"Origin": ORIGIN}, timeout=30)
     assert answer.status_code == 200  # no key set: open
     assert "Access-Control-Allow-Origin" not in answer.headers
-    assert "no API key is set and the server listens on 0.0.0.0" in server.log
+    assert "no API key is set and the server listens on 0.0.0.0" in caplog.text
 
 
 def test_no_warning_on_localhost(gpt2_server):
