@@ -1,5 +1,6 @@
-"""`GET /metrics` over HTTP: what a Prometheus user graphs after some traffic (the real server, whose
-batch and queue limits make refusals and waits happen at will)."""
+"""`GET /metrics` over HTTP: what a Prometheus user graphs after some traffic (the real server with one
+place in the batch and one in the queue, so that refusals and waits happen at will; it wants an API
+key, which every request here sends)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import sse
+from tests.conftest import ONE_AT_A_TIME_KEY
 
+AUTH = {"Authorization": f"Bearer {ONE_AT_A_TIME_KEY}"}
 GENERATE = {"text": {"plain": "Hello world"}, "max_new_tokens": 6}
 # Long enough to be caught running: 8 sequences of 1000 tokens (seconds, even for the tiny model).
 LONG = {"text": {"plain": "Hello"}, "max_new_tokens": 1000, "do_sample": True, "seed": 1, "num_return_sequences": 8}
@@ -19,7 +22,7 @@ LONG = {"text": {"plain": "Hello"}, "max_new_tokens": 1000, "do_sample": True, "
 
 def scrape(server, **kwargs) -> dict[tuple[str, tuple], float]:
     """Every sample as {(name, sorted labels): value}."""
-    response = requests.get(server.url + "/metrics", timeout=30, **kwargs)
+    response = requests.get(server.url + "/metrics", timeout=30, headers=AUTH, **kwargs)
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/plain"), response.headers
     samples = {}
@@ -43,35 +46,36 @@ def wait_for(condition, what: str, timeout: float = 60):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def server(start_server):
+@pytest.fixture
+def server(one_at_a_time_server):
     # One sequence at a time and one waiting request: the queue and refusals can be produced at will.
-    return start_server(MAX_BATCH_SIZE=1, MAX_QUEUE=1)
+    return one_at_a_time_server
 
 
 def test_metrics_after_a_short_load(server):
     before = scrape(server)
     prompt_tokens = completion_tokens = requests_done = sequences = 0
     for body in (GENERATE, {**GENERATE, "do_sample": True, "num_return_sequences": 2, "seed": 3}):
-        answer = requests.post(server.url + "/generate", json=body, timeout=60).json()
+        answer = requests.post(server.url + "/generate", json=body, headers=AUTH, timeout=60).json()
         prompt_tokens += answer["usage"]["prompt_tokens"]
         completion_tokens += answer["usage"]["completion_tokens"]
         requests_done += 1
         sequences += len(answer["sentences"])
-    with requests.post(server.url + "/generate_stream", json=GENERATE, stream=True, timeout=60) as response:
+    with requests.post(server.url + "/generate_stream", json=GENERATE, headers=AUTH, stream=True,
+                       timeout=60) as response:
         events = sse.json_events(sse.chunks_of(response))
     prompt_tokens += events[-1]["usage"]["prompt_tokens"]
     completion_tokens += events[-1]["usage"]["completion_tokens"]
     requests_done += 1
     sequences += 1
     completion = requests.post(server.url + "/v1/completions", json={"prompt": "Hi there", "max_tokens": 5},
-                               timeout=60).json()
+                               headers=AUTH, timeout=60).json()
     prompt_tokens += completion["usage"]["prompt_tokens"]
     completion_tokens += completion["usage"]["completion_tokens"]
     requests_done += 1
     sequences += 1
-    assert requests.get(server.url + "/v1/models/no-such-model", timeout=30).status_code == 404
-    assert requests.post(server.url + "/generate", json={"text": {}}, timeout=30).status_code == 422
+    assert requests.get(server.url + "/v1/models/no-such-model", headers=AUTH, timeout=30).status_code == 404
+    assert requests.post(server.url + "/generate", json={"text": {}}, headers=AUTH, timeout=30).status_code == 422
 
     after = scrape(server)
 
@@ -119,19 +123,19 @@ def test_metrics_after_a_short_load(server):
 def test_queue_and_batch_gauges_and_refusals(server):
     """A running request fills the batch, the next one waits, the third is refused."""
     before = scrape(server)
-    running = requests.post(server.url + "/generate_stream", json=LONG, stream=True, timeout=120)
+    running = requests.post(server.url + "/generate_stream", json=LONG, headers=AUTH, stream=True, timeout=120)
     lines = running.iter_lines(decode_unicode=True)
     assert next(line for line in lines if line).startswith("data: ")  # it is generating
 
     waiting_answer = {}
     waiting = threading.Thread(target=lambda: waiting_answer.update(
-        r=requests.post(server.url + "/generate", json=GENERATE, timeout=120)))
+        r=requests.post(server.url + "/generate", json=GENERATE, headers=AUTH, timeout=120)))
     waiting.start()
     busy = wait_for(lambda: (s := scrape(server)) and value(s, "gpt_server_queue_size") == 1 and s,
                     "the second request to wait in the queue")
     assert value(busy, "gpt_server_batch_size") == 8  # admitted alone, all its sequences together
 
-    refused = requests.post(server.url + "/generate", json=GENERATE, timeout=60)
+    refused = requests.post(server.url + "/generate", json=GENERATE, headers=AUTH, timeout=60)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
 
     running.close()  # the client goes away: the running request is cancelled, the waiting one runs

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from tests import sse
+from tests.conftest import ONE_AT_A_TIME_KEY
 
 PROMPT = "Hello world! When Konrad Adenauer was elected chancellor in 1949,"
 
@@ -395,7 +396,7 @@ def wait_for_health(server, condition, what: str):
     wait_until(lambda: condition(requests.get(server.url + "/health", timeout=10).json()), what)
 
 
-API_KEY = "test-secret-key"
+API_KEY = ONE_AT_A_TIME_KEY
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -412,12 +413,10 @@ def long_stream(server, model):
     return response, lines
 
 
-@pytest.fixture(scope="module")
-def one_at_a_time(start_server):
-    """A server with one place in the batch and one in the queue, that wants an API key."""
-    server = start_server(MAX_BATCH_SIZE=1, MAX_QUEUE=1, API_KEY=API_KEY)
-    yield server
-    server.stop()
+@pytest.fixture
+def one_at_a_time(one_at_a_time_server):
+    """A server with one place in the batch and one in the queue, that wants an API key (API_KEY)."""
+    return one_at_a_time_server
 
 
 def test_with_an_api_key_set_a_wrong_or_missing_key_is_401(one_at_a_time, served_model):
