@@ -194,7 +194,8 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_by_its_length(server)
 
 
 def test_idle_connections_hold_up_nobody(start_server):
-    server = start_server(HEADER_TIMEOUT=600)  # idle sockets stay open for the whole test
+    # Idle sockets stay open for the whole test. (Shared with test_shutdown's test of idle connections.)
+    server = start_server(shared=True, HEADER_TIMEOUT=600)
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(300)]
     try:
         answer = requests.post(server.url + "/generate", json={"text": {"plain": "Hi"}, "max_new_tokens": 4},

@@ -151,15 +151,16 @@ def test_requests_still_running_at_the_limit_get_an_answer_not_a_reset(start_ser
     assert "GRACEFUL_TIMEOUT is nearly over" in server.log
 
 
-def test_idle_server_exits_with_0(start_server):
-    server = start_server()
+def test_idle_server_exits_with_0(gpt2_server):
+    server = gpt2_server  # idle now, after what other tests asked of it (a later test gets a fresh one)
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0
     assert new_connection_outcome(server) == "refused"
 
 
 def test_idle_kept_alive_connections_do_not_hold_up_the_exit(start_server):
-    server = start_server(HEADER_TIMEOUT=600)  # an idle connection would otherwise stay open for 10 minutes
+    # An idle connection would otherwise stay open for 10 minutes. (Shared with test_connections.)
+    server = start_server(shared=True, HEADER_TIMEOUT=600)
     idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     idle.request("GET", "/health")
     assert idle.getresponse().read() and idle.sock is not None  # answered, and kept alive
