@@ -1,7 +1,7 @@
 """The playground at `GET /`: its files and headers in process, then the page in a real browser.
 
 The browser tests drive headless Chromium (Debian's `chromium` and `chromium-driver`) with Selenium
-against the real server on tiny models: the page loads nothing from elsewhere, streams a seeded
+against the real server on tiny models (an injected fault: an app built in process, over HTTP): the page loads nothing from elsewhere, streams a seeded
 generation, stops one (the server counts it cancelled), shows the server's own error messages, asks
 for the API key when the server has one, and its "copy as curl" command gives the same answer.
 """
@@ -25,7 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from app.api.openai_schemas import CompletionRequest
 from app.api.playground import FILES
 from tests import sse
-from tests.conftest import ROOT, wait_until
+from tests.conftest import wait_until
 
 KEY = "playground-key-0123456789"
 PROMPT = "Once upon a time"
@@ -287,9 +287,11 @@ def test_a_bad_value_shows_the_servers_own_error(browser, gpt2_server):
     assert generated(browser) == []
 
 
-def test_a_failure_during_the_stream_shows_the_servers_message(browser, start_server):
-    # A decoding step fails once a sequence reaches 60 tokens (tests/faults: an injected out-of-memory).
-    server = start_server(PYTHONPATH=f"{ROOT}:{ROOT / 'tests' / 'faults'}", FAULT_AT_LENGTH=60)
+def test_a_failure_during_the_stream_shows_the_servers_message(browser, inprocess_server):
+    # A decoding step fails once a sequence reaches 60 tokens (tests/faults: an injected out-of-memory),
+    # in an app built in process with an engine of its own.
+    server = inprocess_server(fresh=True)
+    server.inject_faults(at_length=60)
     open_page(browser, server)
     fill(browser, max_tokens=200, temperature=0)
     browser.find_element(By.ID, "prompt").send_keys(PROMPT)
