@@ -10,7 +10,7 @@ depend on their values):
    `model.generate` at batch 1 / 16 in the same run, the median time to first token, and the peak
    GPU memory the server held;
 2. greedy decoding through the server (`/v1/completions`, temperature 0) equal to `generate` for
-   tiny GPT-2, GPT-Neo and GPT-J in float16;
+   tiny GPT-2, GPT-Neo and GPT-J in float16 (their three servers run side by side);
 3. the 8 GB promise, with the server's GPU memory capped at 8 GiB (MEMORY_LIMIT=8GiB): a
    gpt-neo-2.7B-shaped model serves in float16 entirely on the GPU, a gpt-j-6B-shaped one with
    OFFLOAD=auto; both written in float16 straight to disk (scripts/bench_models.py), never as float32;
@@ -226,20 +226,33 @@ def check_throughput(work: pathlib.Path, device: str, dtypes: list[str], smoke: 
 
 
 def check_greedy(work: pathlib.Path, device: str, dtype: str) -> list[Line]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from make_tiny_models import ARCHITECTURES, make_model as make_tiny
 
-    lines = []
-    for arch in ARCHITECTURES:
-        folder = make_tiny(arch, work / f"tiny-{arch}")
-        expected = greedy_generate(folder, device, dtype)
-        server = serve(folder, device, dtype)
+    folders = {arch: make_tiny(arch, work / f"tiny-{arch}") for arch in ARCHITECTURES}
+    expected = {arch: greedy_generate(folder, device, dtype) for arch, folder in folders.items()}
+    # The three tiny models' servers start together: their boots overlap, their memory is small.
+    with ThreadPoolExecutor(len(folders)) as pool:
+        starting = {arch: pool.submit(serve, folder, device, dtype) for arch, folder in folders.items()}
+    servers, failures = {}, []
+    for arch, future in starting.items():
         try:
-            text, _, _ = complete(server.url, GREEDY_TOKENS)
-        finally:
+            servers[arch] = future.result()
+        except (RuntimeError, TimeoutError) as exc:
+            failures.append(exc)
+    lines = []
+    try:
+        if failures:
+            raise failures[0]
+        for arch in ARCHITECTURES:
+            text, _, _ = complete(servers[arch].url, GREEDY_TOKENS)
+            same = text == expected[arch]
+            lines.append(Line("greedy = generate", f"tiny {arch}", dtype,
+                              "equal" if same else f"DIFFERENT: server {text!r} vs generate {expected[arch]!r}"))
+    finally:
+        for server in servers.values():
             server.stop()
-        same = text == expected
-        lines.append(Line("greedy = generate", f"tiny {arch}", dtype,
-                          "equal" if same else f"DIFFERENT: server {text!r} vs generate {expected!r}"))
     print("gpu_check: greedy done", flush=True)
     return lines
 
