@@ -4,6 +4,7 @@
     python scripts/bench.py --concurrency 1 16 --requests-per-client 2
     python scripts/bench.py --quantize none      # the float32 server only
     python scripts/bench.py --profile            # where a decoding step's time goes, batch 1 and 16
+    python scripts/bench.py --long-prompts 900   # running streams' pace while 900-token prompts arrive
 
 What it does:
 1. makes (or reuses, in --model-dir) a GPT-2-small-sized model (124M parameters, vocabulary 50257)
@@ -179,13 +180,20 @@ class RunningServer:
         self.log.close()
 
 
-def stream_one(url: str, prompt: str) -> tuple[float, float, int]:
-    """(time to first token, latency, generated tokens) of one streamed request."""
+@dataclass
+class Streamed:
+    ttft: float  # time to the first text
+    latency: float
+    tokens: int
+    gaps: list[float]  # time between consecutive text events
+
+
+def stream_one(url: str, prompt: str) -> Streamed:
     import requests
 
     body = {"text": {"plain": prompt}, "max_new_tokens": NEW_TOKENS, **SAMPLING}
     started = time.perf_counter()
-    first = None
+    arrivals = []
     tokens = 0
     with requests.post(url + "/generate_stream", json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
@@ -193,16 +201,17 @@ def stream_one(url: str, prompt: str) -> tuple[float, float, int]:
             if not line.startswith(b"data: "):
                 continue
             event = json.loads(line[6:])
-            if first is None and event.get("text"):
-                first = time.perf_counter() - started
+            if event.get("text"):
+                arrivals.append(time.perf_counter())
             if event.get("done"):
                 tokens = event["usage"]["completion_tokens"]
-    return first or 0.0, time.perf_counter() - started, tokens
+    return Streamed(ttft=arrivals[0] - started if arrivals else 0.0, latency=time.perf_counter() - started,
+                    tokens=tokens, gaps=[b - a for a, b in zip(arrivals, arrivals[1:])])
 
 
 def measure_server(server: RunningServer, label: str, concurrency: int, requests_per_client: int) -> Row:
     stream_one(server.url, "warm up")
-    results: list[tuple[float, float, int]] = []
+    results: list[Streamed] = []
     lock = threading.Lock()
     texts = prompts(concurrency * requests_per_client, seed=concurrency)
 
@@ -219,16 +228,69 @@ def measure_server(server: RunningServer, label: str, concurrency: int, requests
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    latencies = sorted(r[1] for r in results)
+    latencies = sorted(r.latency for r in results)
     return Row(
         label=label,
         concurrency=concurrency,
-        tokens_per_s=sum(r[2] for r in results) / wall,
+        tokens_per_s=sum(r.tokens for r in results) / wall,
         p50_latency=statistics.median(latencies),
         p90_latency=latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
-        p50_ttft=statistics.median(r[0] for r in results),
+        p50_ttft=statistics.median(r.ttft for r in results),
         peak_rss_mb=server.peak_rss_mb(),
     )
+
+
+def measure_long_prompts(server: RunningServer, model_dir: pathlib.Path, streams: int, long_tokens: int) -> None:
+    """Inter-token latency of `streams` running streams, alone and then while prompts of
+    `long_tokens` tokens keep arriving (one after another, each asking for one new token)."""
+    import requests
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    words = prompts(1, seed=99)[0].split()
+    long_prompt = ""
+    while len(tokenizer(long_prompt).input_ids) < long_tokens:
+        long_prompt += words[len(long_prompt) % len(words)] + " "
+    long_prompt = tokenizer.decode(tokenizer(long_prompt).input_ids[:long_tokens])
+    stream_one(server.url, "warm up")
+
+    def run(with_long_prompts: bool) -> tuple[list[float], int]:
+        gaps: list[float] = []
+        done = threading.Event()
+        long_served = 0
+
+        def streamer(i: int) -> None:
+            gaps.extend(stream_one(server.url, prompts(streams, seed=i)[i]).gaps)
+
+        def long_sender() -> None:
+            nonlocal long_served
+            while not done.is_set():
+                body = {"text": {"plain": long_prompt}, "max_new_tokens": 1, **SAMPLING}
+                requests.post(server.url + "/generate", json=body, timeout=600).raise_for_status()
+                long_served += 1
+
+        threads = [threading.Thread(target=streamer, args=(i,)) for i in range(streams)]
+        sender = threading.Thread(target=long_sender)
+        for t in threads:
+            t.start()
+        if with_long_prompts:
+            time.sleep(0.5)  # the streams are decoding when the first long prompt arrives
+            sender.start()
+        for t in threads:
+            t.join()
+        done.set()
+        if with_long_prompts:
+            sender.join()
+        return sorted(gaps), long_served
+
+    print(f"\n{streams} streams of {NEW_TOKENS} tokens; inter-token latency (time between text events):")
+    print("| | median ms | p99 ms | p99 / median | long prompts served |")
+    print("|---|---:|---:|---:|---:|")
+    for with_long in (False, True):
+        gaps, served = run(with_long)
+        median, p99 = statistics.median(gaps), gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]
+        label = f"while {long_tokens}-token prompts arrive" if with_long else "alone"
+        print(f"| {label} | {median * 1000:.1f} | {p99 * 1000:.1f} | {p99 / median:.2f} | {served} |")
 
 
 def print_table(rows: list[Row], baseline: dict[int, float]) -> None:
@@ -322,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile decoding steps in process instead of benchmarking the server")
     parser.add_argument("--profile-batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--profile-steps", type=int, default=48)
+    parser.add_argument("--long-prompts", type=int, metavar="TOKENS", default=0,
+                        help="instead: inter-token latency of 4 running streams, alone and while prompts of "
+                             "this many tokens arrive (one server per --quantize mode)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -332,6 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model_dir} (GPT-2 small, random weights), {threads} torch threads", flush=True)
     if args.profile:
         profile_engine(model_dir, args.profile_batch, threads, args.profile_steps)
+        return 0
+    if args.long_prompts:
+        for quantize in args.quantize:
+            server = RunningServer(model_dir, args.port, {"TORCH_THREADS": str(threads), "QUANTIZE": quantize})
+            try:
+                print(f"\nserver QUANTIZE={quantize}:", end="")
+                measure_long_prompts(server, model_dir, 4, args.long_prompts)
+            finally:
+                server.stop()
         return 0
     baseline = measure_generate(model_dir, [1, 16], threads)
 
