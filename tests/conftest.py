@@ -201,6 +201,21 @@ def start_server(tiny_models, tmp_path_factory):
     stop_all(started)
 
 
+@pytest.fixture(scope="module")
+def boot_early(request, start_server):
+    """`boot_early(user, **settings)`: if a selected test of this module is or uses `user` (a test or a
+    fixture that takes its server with `start_server(shared=True, **settings)`), start that server now
+    without waiting for it: it boots on a spare core while the module's earlier tests run."""
+    users = {name for item in request.session.items if item.module is request.module
+             for name in (item.originalname, *item.fixturenames)}
+
+    def boot(user: str, **settings) -> None:
+        if user in users:
+            start_server(wait=False, shared=True, **settings)
+
+    return boot
+
+
 ONE_AT_A_TIME_KEY = "test-secret-key"
 
 

@@ -29,11 +29,23 @@ LONG_STREAM = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "strea
 SHORT = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.8, "seed": 7}
 
 
+# Two batch rows and two queue places, short header and body timeouts, a 256 KiB body limit.
+SMALL = {"MAX_BATCH_SIZE": 2, "MAX_QUEUE": 2, "HEADER_TIMEOUT": 1, "BODY_TIMEOUT": 1, "MAX_BODY_BYTES": 262144,
+         "QUEUE_TIMEOUT": 120}
+# Idle sockets stay open for as long as a test needs. (Shared with test_shutdown's test of idle connections.)
+PATIENT = {"HEADER_TIMEOUT": 600}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _boot_servers_early(boot_early):
+    boot_early("server", **SMALL)
+    boot_early("test_idle_connections_hold_up_nobody", **PATIENT)
+
+
 @pytest.fixture(scope="module")
 def server(start_server):
     """Two batch rows and two queue places, short header and body timeouts, a 256 KiB body limit."""
-    return start_server(MAX_BATCH_SIZE=2, MAX_QUEUE=2, HEADER_TIMEOUT=1, BODY_TIMEOUT=1, MAX_BODY_BYTES=262144,
-                        QUEUE_TIMEOUT=120)
+    return start_server(shared=True, **SMALL)
 
 
 def send_raw(server, data: bytes) -> socket.socket:
@@ -194,8 +206,7 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_by_its_length(server)
 
 
 def test_idle_connections_hold_up_nobody(start_server):
-    # Idle sockets stay open for the whole test. (Shared with test_shutdown's test of idle connections.)
-    server = start_server(shared=True, HEADER_TIMEOUT=600)
+    server = start_server(shared=True, **PATIENT)  # idle sockets stay open for the whole test
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(300)]
     try:
         answer = requests.post(server.url + "/generate", json={"text": {"plain": "Hi"}, "max_new_tokens": 4},

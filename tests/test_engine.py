@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -223,8 +224,15 @@ def test_disconnected_plain_request_leaves_the_batch(gpt2_server):
     assert generate(gpt2_server.url, "Still serving", max_new_tokens=5)["sentences"]
 
 
-def _fault_server(start_server, **faults):
-    return start_server(PYTHONPATH=f"{ROOT}:{ROOT / 'tests' / 'faults'}", MAX_NEW_TOKENS=2000, **faults)
+# The engine thread dies at 50 tokens; the worker exits to be replaced 3 s after that (not the server's
+# 10 s): time enough for the checks of the dead engine's answers, which take milliseconds.
+DYING = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'faults'}", "MAX_NEW_TOKENS": 2000, "FAULT_KILL_AT_LENGTH": 50,
+         "FAULT_RESTART_AFTER_SECONDS": 3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _boot_servers_early(boot_early):
+    boot_early("test_dead_engine_makes_health_fail_then_the_worker_restarts", **DYING)
 
 
 def _inprocess_fault_server(inprocess_server, **faults):
@@ -258,9 +266,7 @@ def test_failed_step_fails_its_batch_and_the_engine_goes_on(inprocess_server):
 
 
 def test_dead_engine_makes_health_fail_then_the_worker_restarts(start_server):
-    # The worker exits to be replaced 3 s after its engine died (not the server's 10 s): time enough
-    # for the checks of the dead engine's answers below, which take milliseconds.
-    server = _fault_server(start_server, FAULT_KILL_AT_LENGTH=50, FAULT_RESTART_AFTER_SECONDS=3)
+    server = start_server(shared=True, **DYING)
     response = requests.post(server.url + "/generate", json={"text": {"plain": "Hello"}, "max_new_tokens": 100})
     assert response.status_code == 503
     health = requests.get(server.url + "/health")

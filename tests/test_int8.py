@@ -259,9 +259,15 @@ def cancelled_requests(server) -> float:
     return next(s.value for s in samples if s.name == "gpt_server_requests_cancelled_total")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _boot_real_servers_early(boot_early, tiny_models):
+    for arch in ARCHITECTURES:
+        boot_early("int8_real_server", MODEL_ID=tiny_models.repo_ids[arch], QUANTIZE="int8")
+
+
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def int8_real_server(request, start_server, tiny_models):
-    server = start_server(MODEL_ID=tiny_models.repo_ids[request.param], QUANTIZE="int8")
+    server = start_server(shared=True, MODEL_ID=tiny_models.repo_ids[request.param], QUANTIZE="int8")
     server.arch = request.param
     yield server
     server.stop()

@@ -490,14 +490,30 @@ def established_connections(port: int) -> int:
                if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED and c.raddr)
 
 
-def test_probes_and_autoscaler_metrics_agree_with_a_busy_server(rendered, start_server, key_file):
-    cpu, example = rendered["cpu"], rendered["example"]
-    container = cpu.container
+def busy_settings(rendered, key_file) -> dict[str, str]:
     # One sequence per batch, so that two streams fill the batch and the queue; the fewest connections
     # the server serves at once (MAX_CONNECTIONS; HTTP_THREADS where a connection takes a thread), so
     # that the test can take them all. Everything else is the CPU overlay's environment.
-    server = start_server(**manifest_settings(cpu, key_file, MAX_BATCH_SIZE=1, MAX_CONNECTIONS=SLOTS,
-                                              HTTP_THREADS=SLOTS, DEVICE="cpu", TORCH_THREADS=1))
+    return manifest_settings(rendered["cpu"], key_file, MAX_BATCH_SIZE=1, MAX_CONNECTIONS=SLOTS,
+                             HTTP_THREADS=SLOTS, DEVICE="cpu", TORCH_THREADS=1)
+
+
+def draining_settings(rendered, key_file) -> dict[str, str]:
+    return manifest_settings(rendered["cpu"], key_file, MAX_BATCH_SIZE=1, DEVICE="cpu", TORCH_THREADS=1)
+
+
+@pytest.fixture(scope="module")
+def manifest_servers(rendered, key_file, boot_early):
+    """Both servers on the CPU overlay's environment boot together, when the first of them is needed."""
+    boot_early("test_probes_and_autoscaler_metrics_agree_with_a_busy_server", **busy_settings(rendered, key_file))
+    boot_early("test_readiness_fails_while_draining_and_the_server_exits_within_the_grace_period",
+               **draining_settings(rendered, key_file))
+
+
+def test_probes_and_autoscaler_metrics_agree_with_a_busy_server(rendered, start_server, key_file, manifest_servers):
+    cpu, example = rendered["cpu"], rendered["example"]
+    container = cpu.container
+    server = start_server(shared=True, **busy_settings(rendered, key_file))
     for probe in ("startupProbe", "readinessProbe"):
         status = http_probe(server.url, container[probe]["httpGet"]["path"], container[probe]["timeoutSeconds"])
         assert status == 200, f"{probe}: {status}"
@@ -568,10 +584,10 @@ def test_readiness_fails_while_the_model_loads(tiny_models):
 
 
 def test_readiness_fails_while_draining_and_the_server_exits_within_the_grace_period(rendered, start_server,
-                                                                                       key_file):
+                                                                                       key_file, manifest_servers):
     cpu = rendered["cpu"]
     readiness = cpu.container["readinessProbe"]
-    server = start_server(**manifest_settings(cpu, key_file, MAX_BATCH_SIZE=1, DEVICE="cpu", TORCH_THREADS=1))
+    server = start_server(shared=True, **draining_settings(rendered, key_file))
     kept_alive = requests.Session()  # a connection opened before SIGTERM, as a load balancer keeps one
     assert kept_alive.get(server.url + readiness["httpGet"]["path"], timeout=10).status_code == 200
     streams = [Stream(server.url, "client-key-0123", seed) for seed in (4, 5, 6)]

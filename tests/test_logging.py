@@ -25,9 +25,19 @@ def wait_for_line(server, pattern: str, timeout: float = 30) -> str:
     raise AssertionError(f"no log line matches {pattern!r}:\n{server.log[-3000:]}")
 
 
+JSON_LOGS = {"LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+WARNINGS_ONLY = {"LOG_LEVEL": "warning"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _boot_servers_early(boot_early):
+    boot_early("json_server", **JSON_LOGS)
+    boot_early("test_log_level_hides_access_lines", **WARNINGS_ONLY)
+
+
 @pytest.fixture(scope="module")
 def json_server(start_server):
-    return start_server(LOG_FORMAT="json", LOG_LEVEL="INFO")
+    return start_server(shared=True, **JSON_LOGS)
 
 
 def json_lines(server) -> list[dict]:
@@ -126,7 +136,7 @@ def test_json_access_line_of_openai_and_errors(json_server):
 
 
 def test_log_level_hides_access_lines(start_server):
-    server = start_server(LOG_LEVEL="warning")
+    server = start_server(shared=True, **WARNINGS_ONLY)
     requests.post(server.url + "/generate", json=GENERATE, timeout=60)
     requests.get(server.url + "/health", timeout=30)
     assert "app.access" not in server.log

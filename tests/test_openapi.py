@@ -148,9 +148,17 @@ def test_docs_page_needs_no_internet(live_api):
     assert requests.get(live_api.url + "/docs/secrets.txt", timeout=30).status_code == 404
 
 
+FUZZED = {"API_KEY": FUZZ_KEY, "MAX_NEW_TOKENS": 16, "MAX_NUM_RETURN_SEQUENCES": 2, "MAX_BATCH_TOKENS": 4096}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _boot_servers_early(boot_early):
+    boot_early("test_fuzzer_finds_no_5xx_and_no_answer_outside_the_document", **FUZZED)
+
+
 @pytest.mark.slow
 def test_fuzzer_finds_no_5xx_and_no_answer_outside_the_document(start_server, tmp_path):
-    server = start_server(API_KEY=FUZZ_KEY, MAX_NEW_TOKENS=16, MAX_NUM_RETURN_SEQUENCES=2, MAX_BATCH_TOKENS=4096)
+    server = start_server(shared=True, **FUZZED)
     log_start = len(server.log.splitlines())
     command = [
         sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",

@@ -129,10 +129,19 @@ def browser(tmp_path):
     driver.quit()
 
 
+def keyed_settings(tiny_models) -> dict:
+    """A server that wants an API key, serving tiny GPT-Neo (a 2048-token context) with room for long runs."""
+    return {"API_KEY": KEY, "MODEL_ID": tiny_models.repo_ids["gpt-neo"], "MAX_NEW_TOKENS": 2000}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _boot_servers_early(boot_early, tiny_models):
+    boot_early("keyed_server", **keyed_settings(tiny_models))
+
+
 @pytest.fixture(scope="module")
 def keyed_server(start_server, tiny_models):
-    """A server that wants an API key, serving tiny GPT-Neo (a 2048-token context) with room for long runs."""
-    server = start_server(API_KEY=KEY, MODEL_ID=tiny_models.repo_ids["gpt-neo"], MAX_NEW_TOKENS=2000)
+    server = start_server(shared=True, **keyed_settings(tiny_models))
     yield server
     server.stop()
 

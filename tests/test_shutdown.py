@@ -77,8 +77,22 @@ def new_connection_outcome(server) -> str:
         connection.close()
 
 
+LONG_GRACE = {"GRACEFUL_TIMEOUT": 120, "MAX_NUM_RETURN_SEQUENCES": 8}
+# Four requests of 8 x 1000 tokens through a batch of 8 sequences: far more than 3 seconds of work.
+SHORT_GRACE = {"GRACEFUL_TIMEOUT": 3, "MAX_BATCH_SIZE": 8, "MAX_NUM_RETURN_SEQUENCES": 8}
+# An idle connection would otherwise stay open for 10 minutes. (Shared with test_connections.)
+IDLE_FOR_LONG = {"HEADER_TIMEOUT": 600}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _boot_servers_early(boot_early):
+    boot_early("test_running_requests_finish_and_nothing_is_reset", **LONG_GRACE)
+    boot_early("test_requests_still_running_at_the_limit_get_an_answer_not_a_reset", **SHORT_GRACE)
+    boot_early("test_idle_kept_alive_connections_do_not_hold_up_the_exit", **IDLE_FOR_LONG)
+
+
 def test_running_requests_finish_and_nothing_is_reset(start_server):
-    server = start_server(GRACEFUL_TIMEOUT=120, MAX_NUM_RETURN_SEQUENCES=8)
+    server = start_server(shared=True, **LONG_GRACE)
     streaming = Client(server.url, "/generate_stream", LONG, stream=True)
     whole = Client(server.url, "/generate", LONG, stream=False)
     streaming.start()
@@ -118,8 +132,7 @@ def test_running_requests_finish_and_nothing_is_reset(start_server):
 
 
 def test_requests_still_running_at_the_limit_get_an_answer_not_a_reset(start_server):
-    # Four requests of 8 x 1000 tokens through a batch of 8 sequences: far more than 3 seconds of work.
-    server = start_server(GRACEFUL_TIMEOUT=3, MAX_BATCH_SIZE=8, MAX_NUM_RETURN_SEQUENCES=8)
+    server = start_server(shared=True, **SHORT_GRACE)
     clients = [Client(server.url, "/generate_stream" if i % 2 else "/generate", LONG, stream=bool(i % 2))
                for i in range(4)]
     for client in clients:
@@ -159,8 +172,7 @@ def test_idle_server_exits_with_0(gpt2_server):
 
 
 def test_idle_kept_alive_connections_do_not_hold_up_the_exit(start_server):
-    # An idle connection would otherwise stay open for 10 minutes. (Shared with test_connections.)
-    server = start_server(shared=True, HEADER_TIMEOUT=600)
+    server = start_server(shared=True, **IDLE_FOR_LONG)
     idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     idle.request("GET", "/health")
     assert idle.getresponse().read() and idle.sock is not None  # answered, and kept alive
