@@ -217,13 +217,25 @@ def boot_early(request, start_server):
 
 
 ONE_AT_A_TIME_KEY = "test-secret-key"
+ONE_AT_A_TIME = {"MAX_BATCH_SIZE": 1, "MAX_QUEUE": 1, "API_KEY": ONE_AT_A_TIME_KEY}
 
 
 @pytest.fixture
 def one_at_a_time_server(start_server) -> Server:
     """A shared server with one place in the batch and one in the queue, that wants an API key
     (ONE_AT_A_TIME_KEY): refusals, waits and cancellations happen there at will."""
-    return start_server(shared=True, MAX_BATCH_SIZE=1, MAX_QUEUE=1, API_KEY=ONE_AT_A_TIME_KEY)
+    return start_server(shared=True, **ONE_AT_A_TIME)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _boot_shared_servers_early(request):
+    """The servers many modules share boot in the background from the session's first test, if a
+    selected test uses them."""
+    used = {name for item in request.session.items for name in item.fixturenames}
+    if "one_at_a_time_server" in used:
+        request.getfixturevalue("start_server")(wait=False, shared=True, **ONE_AT_A_TIME)
+    if "gpt2_server" in used:
+        request.getfixturevalue("start_server")(wait=False, shared=True)
 
 
 @pytest.fixture
