@@ -13,7 +13,8 @@ depend on their values):
    tiny GPT-2, GPT-Neo and GPT-J in float16 (their three servers run side by side);
 3. the 8 GB promise, with the server's GPU memory capped at 8 GiB (MEMORY_LIMIT=8GiB): a
    gpt-neo-2.7B-shaped model serves in float16 entirely on the GPU, a gpt-j-6B-shaped one with
-   OFFLOAD=auto; both written in float16 straight to disk (scripts/bench_models.py), never as float32;
+   OFFLOAD=auto; both written in float16 straight to disk (scripts/bench_models.py), never as float32
+   (one server at a time; in a smoke run, which measures nothing, side by side);
 4. the tests marked `cuda`.
 It prints one table. Without a GPU (and without --device cpu) it stops at once and says so.
 
@@ -260,15 +261,15 @@ def check_greedy(work: pathlib.Path, device: str, dtype: str) -> list[Line]:
 def check_8gb(work: pathlib.Path, device: str, smoke: bool) -> list[Line]:
     """Both models written in float16 straight to disk (never a float32 copy), with the tiny tokenizer,
     at their real shapes; in a smoke run at a toy size, served in float32 (the CPU cannot serve float16)."""
-    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
     from bench_models import MODELS, make_config as shaped_config, write_random_checkpoint
     from make_tiny_models import make_config as toy_config, make_tokenizer
 
     tokenizer = make_tokenizer()
-    lines = []
+    written = []
     for name, extra in (("gpt-neo-2.7B", {}), ("gpt-j-6B", {"OFFLOAD": "auto"})):
         folder = work / name
-        check = f"8 GiB: {name}" + (" OFFLOAD=auto" if extra else "")
         started = time.perf_counter()
         if smoke:
             arch = {"gpt_neo": "gpt-neo", "gptj": "gptj"}[MODELS[name]["model_type"]]
@@ -278,29 +279,39 @@ def check_8gb(work: pathlib.Path, device: str, smoke: bool) -> list[Line]:
         size = write_random_checkpoint(folder, config, "float16")
         tokenizer.save_pretrained(folder)
         shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-        model = f"{name}-shaped ({shown} float16, written in {time.perf_counter() - started:.0f} s)"
-        # A smoke run serves the toy checkpoint in float32 on the CPU: the same loading and requests.
-        settings = {"MEMORY_LIMIT": CAP, **extra} if not smoke else {}
-        with GpuMemory(device) as memory:
-            try:
-                server = serve(folder, device, "float32" if smoke else "float16", **settings)
-            except (RuntimeError, TimeoutError) as exc:
-                lines.append(Line(check, model, "float16", f"FAILED to start: {exc}"))
-                continue
-            try:
-                health = requests.get(server.url + "/health", timeout=30).json()
-                _, tokens, seconds = complete(server.url, 16, temperature=0.6)
-            finally:
-                server.stop()
-        log = pathlib.Path(server.log.name).read_text(errors="replace")
-        offloaded = re.search(r"([\d.]+ \w*B) of weights in CPU RAM", log)
-        on_gpu = str(health.get("device", "")).startswith("cuda")
-        where = f"{offloaded.group(1)} offloaded" if offloaded else ("all on the GPU" if on_gpu else "in RAM")
-        lines.append(Line(check, model, health.get("dtype", "?"),
-                          f"serves on {health.get('device')}, {where}; {tokens / seconds:.1f} tok/s"
-                          + (f"; peak GPU {memory.peak} MiB" if memory.enabled else "")))
-        print(f"gpu_check: {name} done", flush=True)
-    return lines
+        written.append((name, extra, folder,
+                        f"{name}-shaped ({shown} float16, written in {time.perf_counter() - started:.0f} s)"))
+    if smoke:  # a smoke run measures nothing: both servers run side by side
+        with ThreadPoolExecutor(len(written)) as pool:
+            return list(pool.map(lambda args: serve_under_the_cap(*args, device=device, smoke=smoke), written))
+    # One at a time: each server has the GPU, and the 8 GiB cap, to itself.
+    return [serve_under_the_cap(*args, device=device, smoke=smoke) for args in written]
+
+
+def serve_under_the_cap(name: str, extra: dict, folder: pathlib.Path, model: str, device: str, smoke: bool) -> Line:
+    import requests
+
+    check = f"8 GiB: {name}" + (" OFFLOAD=auto" if extra else "")
+    # A smoke run serves the toy checkpoint in float32 on the CPU: the same loading and requests.
+    settings = {"MEMORY_LIMIT": CAP, **extra} if not smoke else {}
+    with GpuMemory(device) as memory:
+        try:
+            server = serve(folder, device, "float32" if smoke else "float16", **settings)
+        except (RuntimeError, TimeoutError) as exc:
+            return Line(check, model, "float16", f"FAILED to start: {exc}")
+        try:
+            health = requests.get(server.url + "/health", timeout=30).json()
+            _, tokens, seconds = complete(server.url, 16, temperature=0.6)
+        finally:
+            server.stop()
+    log = pathlib.Path(server.log.name).read_text(errors="replace")
+    offloaded = re.search(r"([\d.]+ \w*B) of weights in CPU RAM", log)
+    on_gpu = str(health.get("device", "")).startswith("cuda")
+    where = f"{offloaded.group(1)} offloaded" if offloaded else ("all on the GPU" if on_gpu else "in RAM")
+    print(f"gpu_check: {name} done", flush=True)
+    return Line(check, model, health.get("dtype", "?"),
+                f"serves on {health.get('device')}, {where}; {tokens / seconds:.1f} tok/s"
+                + (f"; peak GPU {memory.peak} MiB" if memory.enabled else ""))
 
 
 def run_cuda_tests() -> Line:
