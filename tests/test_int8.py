@@ -278,7 +278,7 @@ def test_a_cancelled_stream_is_dropped_from_the_batch(int8_real_server, tiny_mod
     before = cancelled_requests(server)
     # The rest of the context, end-of-text ignored: it runs until the client leaves.
     body = {"model": tiny_models.repo_ids[server.arch], "prompt": "Hello", "max_tokens": None,
-            "stream": True, "ignore_eos": True}
+            "stream": True, "ignore_eos": True, "seed": 1}
     response = requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60)
     next(line for line in response.iter_lines() if line.startswith(b"data: "))
     response.close()

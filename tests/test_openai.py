@@ -400,7 +400,7 @@ API_KEY = ONE_AT_A_TIME_KEY
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-LONG_REQUEST = {"prompt": PROMPT, "max_tokens": None, "ignore_eos": True}  # the rest of the context
+LONG_REQUEST = {"prompt": PROMPT, "max_tokens": None, "ignore_eos": True, "seed": 3}  # the rest of the context
 
 
 def long_stream(server, model):
