@@ -6,7 +6,8 @@
 #      and the buildx plugin (Debian unstable's docker-buildx, a static binary) that compose needs
 #      to build
 #   3. a Docker engine: started in the background unless one already answers `docker info`
-#   4. a local base image (BASE_IMAGE, default local/python-base:3.11) made with debootstrap,
+#   4. a local base image (BASE_IMAGE, default local/python-base:3.11) made with debootstrap (with
+#      libjemalloc2, so that the images need no apt-get),
 #      for machines that cannot pull python:3.11-slim-bookworm from a registry
 #   5. wheelhouses with every wheel of requirements.txt for Linux x86_64 / CPython 3.11, resolved
 #      here so that image builds need no network: build/wheelhouse/cpu (CPU build of torch) and,
@@ -158,8 +159,8 @@ else
     t=$(date +%s)
     rootfs="$(mktemp -d)"
     trap 'rm -rf "$rootfs"' EXIT
-    say "debootstrap bookworm (minbase + python3, python3-venv, ca-certificates) from $DEBIAN_MIRROR"
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+    say "debootstrap bookworm (minbase + python3, python3-venv, ca-certificates, libjemalloc2) from $DEBIAN_MIRROR"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libjemalloc2 \
         bookworm "$rootfs" "$DEBIAN_MIRROR" >"$rootfs.log" 2>&1 \
         || { tail -n 20 "$rootfs.log" >&2; exit 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs.log"

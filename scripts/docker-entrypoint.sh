@@ -50,4 +50,12 @@ if [ -d "$seed" ] && [ "$(readlink -f "$seed")" != "$(readlink -f "$cache")" ]; 
     fi
 fi
 
+# jemalloc returns freed memory to the system (see the Dockerfile): preloaded when the image has it,
+# unless LD_PRELOAD is set, even to nothing (`-e LD_PRELOAD=` keeps glibc's allocator).
+if [ -z "${LD_PRELOAD+set}" ]; then
+    for lib in /usr/lib/*/libjemalloc.so.2; do
+        if [ -e "$lib" ]; then export LD_PRELOAD="$lib"; break; fi
+    done
+fi
+
 exec "$@"

@@ -329,6 +329,19 @@ def test_server_does_not_run_as_root(project):
 
 
 @pytest.mark.slow
+def test_the_server_allocates_with_jemalloc(project):
+    """The entrypoint preloads jemalloc, which gives freed memory back: the master and its worker
+    both have it mapped."""
+    maps = project.compose("exec", "-T", "server-cpu", "sh", "-c",
+                           "for m in /proc/[0-9]*/maps; do grep -l libjemalloc \"$m\"; done; true").stdout.split()
+    holders = {path.split("/")[2] for path in maps}
+    pids = project.compose("exec", "-T", "server-cpu", "sh", "-c",
+                           "grep -l 'python' /proc/[0-9]*/cmdline").stdout.split()
+    servers = {path.split("/")[2] for path in pids}
+    assert len(servers & holders) >= 2, f"jemalloc is mapped in {sorted(holders)}, the server's processes are {sorted(servers)}"
+
+
+@pytest.mark.slow
 def test_cpu_image_is_offline_and_cpu_only(project, request):
     image = project.service()["Image"]
     config = json.loads(run(["docker", "image", "inspect", image]).stdout)[0]["Config"]
