@@ -247,6 +247,8 @@ class Batch:
         """Keep only the rows at positions `keep` of `rows` (the batch's rows); returns the rows in
         the batch's new order. A row leaving frees its slot for the batch's last row, so only that
         one row moves; columns that became padding for every row leave the window."""
+        if len(keep) == self.rows:  # nobody leaves (most steps)
+            return list(rows)
         kept = set(keep)
         order = list(range(self.rows))  # new slot -> the row's slot before
         for position in reversed(range(self.rows)):  # from the end, so the last slot is always kept
