@@ -292,10 +292,12 @@ class Engine:
         return deltas
 
     def _join(self, rows: list[Row], group: Batch, deltas: list[Delta]) -> None:
-        """Deliver the new rows' first tokens; those still running join the batch."""
-        joining = group.filter(self._deliver(rows, deltas), rows)
+        """The new rows that go on join the batch, then every new row's first token is delivered:
+        a client never holds a token of a row that /health does not count yet."""
+        joining = group.filter([i for i, delta in enumerate(deltas) if not delta.finish_reason], rows)
         self._rows = self._rows + joining
         self._batch = Batch.concatenate([self._batch, group], self._rows)
+        self._deliver(rows, deltas)  # a row it drops (its request gone) leaves at the next step
 
     def _decode_step(self) -> None:
         batch, rows = self._batch, self._rows
