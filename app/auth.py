@@ -24,9 +24,13 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Endpoints anyone may call: health checks (orchestrators probe them without credentials) and the
-# docs and playground pages with their static files (no data in them; each page asks for the key).
-PUBLIC_ENDPOINTS = frozenset({"health.health", "docs.page", "docs.asset", "playground.page", "playground.asset"})
+
+def is_public(view) -> bool:
+    """Anyone may call the view: its `@documented(public=True)` says so (app/openapi.py). These are the
+    health check (orchestrators probe it without credentials) and the docs and playground pages with
+    their files (no data in them; each page asks for the key). A view without it needs a key."""
+    operation = getattr(view, "openapi", None)
+    return operation is not None and operation.public
 
 
 def is_loopback(host: str) -> bool:
@@ -83,7 +87,7 @@ def install(app: Flask, settings: Settings, metrics: Metrics) -> None:
     def _require_key():
         # A browser's CORS preflight never carries credentials; it runs no route, so let it through.
         # So is a request for no route or a method a route lacks: it gets its 404 or 405 and nothing else.
-        if request.method == "OPTIONS" or request.endpoint in PUBLIC_ENDPOINTS or request.routing_exception:
+        if request.method == "OPTIONS" or request.routing_exception or is_public(app.view_functions[request.endpoint]):
             return None
         candidates = presented_keys()
         if any([matches(candidate) for candidate in candidates]):
