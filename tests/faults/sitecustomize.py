@@ -54,11 +54,13 @@ if any(os.environ.get(k) for k in ("FAULT_PROMPT_TOKEN", "FAULT_AT_LENGTH", "FAU
     _install()
 
 
-class _AfterImport:
-    """A finder that only adds a step: `name` is found and executed as usual, then `then(module)` runs."""
+class _AroundImport:
+    """A finder that only wraps a module's execution: `name` is found as usual (a mere lookup,
+    `importlib.util.find_spec(name)`, runs nothing more), and executing it calls `around(execute, module)`,
+    where `execute(module)` is the loader's own step."""
 
-    def __init__(self, name: str, then):
-        self.name, self.then = name, then
+    def __init__(self, name: str, around):
+        self.name, self.around = name, around
 
     def find_spec(self, name, path=None, target=None):
         if name != self.name:
@@ -67,46 +69,25 @@ class _AfterImport:
             spec = None if finder is self else finder.find_spec(name, path, target)
             if spec is not None:
                 execute = spec.loader.exec_module
-
-                def and_then(module):
-                    execute(module)
-                    self.then(module)
-
-                spec.loader.exec_module = and_then
+                spec.loader.exec_module = lambda module: self.around(execute, module)
                 return spec
         return None
+
+
+def _restart_after(execute, module) -> None:
+    """How long a worker whose engine died goes on answering 503 before it exits to be replaced."""
+    execute(module)
+    module.RESTART_AFTER_ENGINE_DEATH_SECONDS = float(os.environ["FAULT_RESTART_AFTER_SECONDS"])
+
+
+def _hold_until_the_gate_exists(execute, module) -> None:
+    while not os.path.exists(os.environ["FAULT_HOLD_TORCH_UNTIL"]):
+        native_sleep(0.05)
+    execute(module)
 
 
 if os.environ.get("FAULT_RESTART_AFTER_SECONDS"):
-    # How long a worker whose engine died goes on answering 503 before it exits to be replaced.
-    sys.meta_path.insert(0, _AfterImport("app.factory", lambda module: setattr(
-        module, "RESTART_AFTER_ENGINE_DEATH_SECONDS", float(os.environ["FAULT_RESTART_AFTER_SECONDS"]))))
-
-
-class _HoldTorch:
-    """A finder that only delays: torch is found as usual, but executing it waits for the file (a
-    mere lookup, `importlib.util.find_spec("torch")`, does not wait)."""
-
-    def __init__(self, gate: str):
-        self.gate = gate
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "torch":
-            return None
-        for finder in sys.meta_path:
-            spec = None if finder is self else finder.find_spec(name, path, target)
-            if spec is not None:
-                execute = spec.loader.exec_module
-
-                def held(module, gate=self.gate):
-                    while not os.path.exists(gate):
-                        native_sleep(0.05)
-                    execute(module)
-
-                spec.loader.exec_module = held
-                return spec
-        return None
-
+    sys.meta_path.insert(0, _AroundImport("app.factory", _restart_after))
 
 if os.environ.get("FAULT_HOLD_TORCH_UNTIL"):
-    sys.meta_path.insert(0, _HoldTorch(os.environ["FAULT_HOLD_TORCH_UNTIL"]))
+    sys.meta_path.insert(0, _AroundImport("torch", _hold_until_the_gate_exists))
