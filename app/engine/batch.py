@@ -109,13 +109,11 @@ class _SlotLayer(DynamicLayer):
             window = store[:, :, self.lo:self.end]
             window.index_copy_(0, target, window.index_select(0, source))
 
-    def keep_rows(self, rows: int) -> None:
+    def narrow(self, rows: int, padding: int) -> None:
+        """Keep the first `rows` rows; the window's first `padding` columns, padding for all of them,
+        leave it."""
         self.rows = rows
-        self._expose()
-
-    def drop_columns(self, count: int) -> None:
-        """The window's first `count` columns are padding for every row: leave them out."""
-        self.lo += count
+        self.lo += padding
         self._expose()
 
 
@@ -265,21 +263,19 @@ class Batch:
             for layer in self._layers:
                 layer.move_rows(source, target)
             for tensor in (self.attention_mask, self.next_tokens, self.seen, self.output_counts):
-                if tensor is not None and len(tensor) == self.rows:
+                if tensor is not None:
                     tensor.index_copy_(0, target, tensor.index_select(0, source))
         self.rows = len(order)
-        for layer in self._layers:
-            layer.keep_rows(self.rows)
         self.next_tokens = self.next_tokens[: self.rows]
         mask = self.attention_mask[: self.rows]
         padding = int(mask.any(dim=0).long().argmax())  # columns before the first one any row uses
         self.attention_mask = mask[:, padding:]
         for layer in self._layers:
-            layer.drop_columns(padding)
+            layer.narrow(self.rows, padding)
         new_rows = [rows[i] for i in order]
         self._reserve = _steps_left(new_rows)
         self.sampling = SamplingTensors.build([row.params for row in new_rows], self.device, self.vocab_size)
-        if self._uses_penalties and self.seen is not None:
+        if self._uses_penalties:  # its rows used penalties before, so the state is there
             self.seen, self.output_counts = self.seen[: self.rows], self.output_counts[: self.rows]
         else:
             self.seen = self.output_counts = None
