@@ -126,20 +126,19 @@ class Server:
         return self.process.poll() is None
 
     def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        self.process.terminate()  # SIGTERM, unless it has exited
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         self._log.close()
         return self.process.returncode
 
     def kill(self) -> None:
         """End the server and its worker at once, for a test that has checked everything it wanted
         before (a graceful stop would wait for the requests it left running)."""
-        if self.process.poll() is None:
+        if self.running:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
@@ -149,9 +148,7 @@ class Server:
 def stop_all(servers: list[Server], timeout: float = 30) -> None:
     """SIGTERM every server still running at once, then wait for each (the slowest bounds the wait)."""
     for server in servers:
-        if server.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                server.process.send_signal(signal.SIGTERM)
+        server.process.terminate()
     for server in servers:
         with contextlib.suppress(Exception):
             server.stop(timeout)
