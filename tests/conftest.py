@@ -154,6 +154,11 @@ def stop_all(servers: list[Server], timeout: float = 30) -> None:
             server.stop(timeout)
 
 
+def settings_key(settings: dict) -> tuple:
+    """The settings as a key of the servers built from them (names in any case, values as text)."""
+    return tuple(sorted((name.upper(), str(value)) for name, value in settings.items()))
+
+
 def server_env(tiny_models: TinyModels, **settings) -> dict[str, str]:
     """Environment for a server on a free port serving tiny GPT-2 unless told otherwise."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SRVREST_", "MODEL_", "API_KEY"))}
@@ -184,7 +189,7 @@ def start_server(tiny_models, tmp_path_factory):
     by_settings: dict[tuple, Server] = {}  # the shared servers
 
     def start(wait: bool = True, cwd: pathlib.Path | None = None, shared: bool = False, **settings) -> Server:
-        key = tuple(sorted((name.upper(), str(value)) for name, value in settings.items()))
+        key = settings_key(settings)
         if shared and key in by_settings and by_settings[key].running:
             return by_settings[key].wait_ready() if wait else by_settings[key]
         run_dir = cwd or tmp_path_factory.mktemp("server")
@@ -417,26 +422,24 @@ def inprocess_server(tiny_models):
     quantization, memory, batch and queue limits). One per distinct settings for the session;
     `fresh=True` builds one of the test's own (one whose model a test alters). Or pass `settings=`
     already loaded (`load_settings()` as `python -m app` calls it)."""
-    built: dict[tuple, InProcessServer] = {}
-    fresh_ones: list[InProcessServer] = []
+    servers: list[InProcessServer] = []
+    by_settings: dict[tuple, InProcessServer] = {}  # the shared ones
 
     def get(fresh: bool = False, settings=None, **values) -> InProcessServer:
-        if settings is not None:
-            server = InProcessServer(settings)
-            fresh_ones.append(server)
-            return server
-        values = {name: str(value) if isinstance(value, pathlib.Path) else value for name, value in values.items()}
-        key = tuple(sorted((name.upper(), str(value)) for name, value in values.items()))
-        if fresh or key not in built:
-            server = InProcessServer(inprocess_settings(tiny_models, **values))
-            if fresh:
-                fresh_ones.append(server)
-                return server
-            built[key] = server
-        return built[key]
+        key, shared = settings_key(values), not fresh and settings is None
+        if shared and key in by_settings:
+            return by_settings[key]
+        if settings is None:
+            settings = inprocess_settings(tiny_models, **{
+                name: str(value) if isinstance(value, pathlib.Path) else value for name, value in values.items()})
+        server = InProcessServer(settings)
+        servers.append(server)
+        if shared:
+            by_settings[key] = server
+        return server
 
     yield get
-    for server in [*built.values(), *fresh_ones]:
+    for server in servers:
         with contextlib.suppress(Exception):
             server.stop()
 
