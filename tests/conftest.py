@@ -258,21 +258,26 @@ def inprocess_settings(tiny_models: TinyModels, **settings):
     return load_settings(_env_file=None, **{**defaults, **{k.lower(): v for k, v in settings.items()}})
 
 
+def loaded_app(settings) -> Flask:
+    """The app `create_app(settings)` builds with an engine of its own, once that engine has loaded the model."""
+    from app.factory import create_app
+
+    app = create_app(settings, exit_on_load_failure=False)
+    engine = app.extensions["engine"]
+    assert wait_until(lambda: engine.state != "loading", 120), f"the in-process engine for {settings.model_id} did not load"
+    assert engine.ready, f"the in-process engine for {settings.model_id} failed: {engine.failure}"
+    return app
+
+
 @pytest.fixture(scope="session")
 def inprocess_engines(tiny_models):
     """`inprocess_engines(model_id)`: a real engine, built and loaded by the production factory, one per
     model id for the whole session (a model folder: the HF cache's location is fixed at import)."""
-    from app.factory import create_app
-
     engines = {}
 
     def get(model_id: str):
         if model_id not in engines:
-            app = create_app(inprocess_settings(tiny_models, MODEL_ID=model_id), exit_on_load_failure=False)
-            engine = app.extensions["engine"]
-            assert wait_until(lambda: engine.state != "loading", 120), f"the in-process engine for {model_id} did not load"
-            assert engine.ready, f"the in-process engine for {model_id} failed: {engine.failure}"
-            engines[model_id] = engine
+            engines[model_id] = loaded_app(inprocess_settings(tiny_models, MODEL_ID=model_id)).extensions["engine"]
         return engines[model_id]
 
     yield get
@@ -361,21 +366,16 @@ class InProcessServer:
     the app logged while it was built and its model loaded."""
 
     def __init__(self, settings):
-        from app.factory import create_app
-
         lines, app_logger = LogLines(), logging.getLogger("app")
         level = app_logger.level
         app_logger.addHandler(lines)
         app_logger.setLevel(logging.INFO)  # the server logs at INFO by default; pytest leaves WARNING
         try:
-            self.app = create_app(settings, exit_on_load_failure=False)
-            self.engine = self.app.extensions["engine"]
-            loaded = wait_until(lambda: self.engine.state != "loading", 120)
+            self.app = loaded_app(settings)
         finally:
             app_logger.removeHandler(lines)
             app_logger.setLevel(level)
-        assert loaded, f"the in-process engine for {settings.model_id} did not load"
-        assert self.engine.ready, f"the in-process engine for {settings.model_id} failed: {self.engine.failure}"
+        self.engine = self.app.extensions["engine"]
         self.settings = self.app.extensions["settings"]
         self.log = "\n".join(lines.lines)
         self._live: LiveApi | None = None
