@@ -156,24 +156,18 @@ def test_default_is_no_quantization(gpt2_server):
 
 
 @pytest.mark.parametrize("dtype, expected", [("auto", "int8"), ("bfloat16", "none")])
-def test_auto_serves_int8_where_it_applies(tiny_models, dtype, expected):
+def test_auto_serves_int8_where_it_applies(inprocess_server, dtype, expected):
     """QUANTIZE=auto (what the CPU image serves): int8 for float32 weights on the CPU, none for bfloat16."""
-    from app.factory import create_app
-    from tests.conftest import inprocess_settings
-
-    app = create_app(inprocess_settings(tiny_models, QUANTIZE="auto", DTYPE=dtype), exit_on_load_failure=False)
-    engine = app.extensions["engine"]
+    server = inprocess_server(fresh=True, QUANTIZE="auto", DTYPE=dtype)
     try:
-        assert wait_until(lambda: engine.state != "loading", 120) and engine.ready, engine.failure
-        health = app.test_client().get("/health").get_json()
+        health = server.client.get("/health").get_json()
         assert (health["quantization"], health["dtype"]) == (expected, "float32" if dtype == "auto" else dtype)
-        model = engine.loaded.model
+        model = server.engine.loaded.model
         assert is_int8_linear(model.get_output_embeddings()) == (expected == "int8")
-        answer = app.test_client().post("/generate", json={"text": {"plain": PROMPT}, "max_new_tokens": 8})
+        answer = server.client.post("/generate", json={"text": {"plain": PROMPT}, "max_new_tokens": 8})
         assert answer.status_code == 200, answer.get_data(as_text=True)
     finally:
-        engine.stop()
-        engine.join(30)
+        server.stop()
 
 
 def openai_client(server) -> openai.OpenAI:
