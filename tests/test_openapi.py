@@ -82,15 +82,8 @@ def test_every_flask_route_is_documented():
     app.extensions["engine"].join(60)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine reports the missing model
-def test_a_server_with_api_keys_asks_for_one_where_it_needs_one():
-    from app.factory import create_app
-    from app.settings import load_settings
-
-    app = create_app(load_settings(model_id="test-org/not-on-disk", torch_threads=1, api_key=FUZZ_KEY),
-                     exit_on_load_failure=False)
-    doc = app.test_client().get("/openapi.json", headers={"X-API-Key": FUZZ_KEY}).get_json()
-    app.extensions["engine"].join(60)
+def test_a_server_with_api_keys_asks_for_one_where_it_needs_one(make_api):
+    doc = make_api(API_KEY=FUZZ_KEY).get("/openapi.json", headers={"X-API-Key": FUZZ_KEY}).get_json()
     assert set(doc["components"]["securitySchemes"]) == {"bearerAuth", "apiKeyHeader"}
     generate, health = doc["paths"]["/generate"]["post"], doc["paths"]["/health"]["get"]
     assert generate["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}] and "401" in generate["responses"]
