@@ -179,6 +179,17 @@ class RunningServer:
         self.process.wait(60)
         self.log.close()
 
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def percentile(ordered: list[float], share: float) -> float:
+    """The value below which `share` of the sorted values lie (the nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
 
 @dataclass
 class Streamed:
@@ -234,7 +245,7 @@ def measure_server(server: RunningServer, label: str, concurrency: int, requests
         concurrency=concurrency,
         tokens_per_s=sum(r.tokens for r in results) / wall,
         p50_latency=statistics.median(latencies),
-        p90_latency=latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
+        p90_latency=percentile(latencies, 0.9),
         p50_ttft=statistics.median(r.ttft for r in results),
         peak_rss_mb=server.peak_rss_mb(),
     )
@@ -247,11 +258,8 @@ def measure_long_prompts(server: RunningServer, model_dir: pathlib.Path, streams
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    words = prompts(1, seed=99)[0].split()
-    long_prompt = ""
-    while len(tokenizer(long_prompt).input_ids) < long_tokens:
-        long_prompt += words[len(long_prompt) % len(words)] + " "
-    long_prompt = tokenizer.decode(tokenizer(long_prompt).input_ids[:long_tokens])
+    words = prompts(1, seed=99)[0].split() * (long_tokens // PROMPT_WORDS + 1)  # a token or more per word
+    long_prompt = tokenizer.decode(tokenizer(" ".join(words)).input_ids[:long_tokens])
     stream_one(server.url, "warm up")
 
     def run(with_long_prompts: bool) -> tuple[list[float], int]:
@@ -288,7 +296,7 @@ def measure_long_prompts(server: RunningServer, model_dir: pathlib.Path, streams
     print("|---|---:|---:|---:|---:|")
     for with_long in (False, True):
         gaps, served = run(with_long)
-        median, p99 = statistics.median(gaps), gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]
+        median, p99 = statistics.median(gaps), percentile(gaps, 0.99)
         label = f"while {long_tokens}-token prompts arrive" if with_long else "alone"
         print(f"| {label} | {median * 1000:.1f} | {p99 * 1000:.1f} | {p99 / median:.2f} | {served} |")
 
@@ -400,26 +408,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.long_prompts:
         for quantize in args.quantize:
-            server = RunningServer(model_dir, args.port, {"TORCH_THREADS": str(threads), "QUANTIZE": quantize})
-            try:
+            with RunningServer(model_dir, args.port, {"TORCH_THREADS": str(threads), "QUANTIZE": quantize}) as server:
                 print(f"\nserver QUANTIZE={quantize}:", end="")
                 measure_long_prompts(server, model_dir, 4, args.long_prompts)
-            finally:
-                server.stop()
         return 0
     baseline = measure_generate(model_dir, [1, 16], threads)
 
     rows = []
     for quantize in args.quantize:
         label = "float32" if quantize == "none" else quantize
-        server = RunningServer(model_dir, args.port, {"TORCH_THREADS": str(threads), "QUANTIZE": quantize})
-        try:
+        with RunningServer(model_dir, args.port, {"TORCH_THREADS": str(threads), "QUANTIZE": quantize}) as server:
             for concurrency in args.concurrency:
                 row = measure_server(server, label, concurrency, args.requests_per_client)
                 print(f"  server {label} concurrency {concurrency:>2}: {row.tokens_per_s:7.1f} tokens/s", flush=True)
                 rows.append(row)
-        finally:
-            server.stop()
     print_table(rows, baseline)
     return 0
 
