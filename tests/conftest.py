@@ -218,6 +218,10 @@ def boot_early(request, start_server):
     return boot
 
 
+# Idle sockets stay open for as long as a test needs (10 minutes): the server test_connections and
+# test_shutdown share for idle connections.
+PATIENT = {"HEADER_TIMEOUT": 600}
+
 ONE_AT_A_TIME_KEY = "test-secret-key"
 ONE_AT_A_TIME = {"MAX_BATCH_SIZE": 1, "MAX_QUEUE": 1, "API_KEY": ONE_AT_A_TIME_KEY}
 

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from tests import sse
-from tests.conftest import ROOT, batch_size, wait_until
+from tests.conftest import PATIENT, ROOT, batch_size, wait_until
 
 # Long enough to keep a row busy until the test lets go (end-of-text is ignored).
 LONG_STREAM = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True, "seed": 1}
@@ -32,8 +32,6 @@ SHORT = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.8, "se
 # Two batch rows and two queue places, short header and body timeouts, a 256 KiB body limit.
 SMALL = {"MAX_BATCH_SIZE": 2, "MAX_QUEUE": 2, "HEADER_TIMEOUT": 1, "BODY_TIMEOUT": 1, "MAX_BODY_BYTES": 262144,
          "QUEUE_TIMEOUT": 120}
-# Idle sockets stay open for as long as a test needs. (Shared with test_shutdown's test of idle connections.)
-PATIENT = {"HEADER_TIMEOUT": 600}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from tests import sse
+from tests.conftest import PATIENT
 
 # Seconds of work even for the tiny model: 8 sequences of 1000 tokens each.
 LONG = {"text": {"plain": "Hello"}, "max_new_tokens": 1000, "do_sample": True, "num_return_sequences": 8}
@@ -80,15 +81,13 @@ def new_connection_outcome(server) -> str:
 LONG_GRACE = {"GRACEFUL_TIMEOUT": 120, "MAX_NUM_RETURN_SEQUENCES": 8}
 # Four requests of 8 x 1000 tokens through a batch of 8 sequences: far more than 3 seconds of work.
 SHORT_GRACE = {"GRACEFUL_TIMEOUT": 3, "MAX_BATCH_SIZE": 8, "MAX_NUM_RETURN_SEQUENCES": 8}
-# An idle connection would otherwise stay open for 10 minutes. (Shared with test_connections.)
-IDLE_FOR_LONG = {"HEADER_TIMEOUT": 600}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _boot_servers_early(boot_early):
     boot_early("test_running_requests_finish_and_nothing_is_reset", **LONG_GRACE)
     boot_early("test_requests_still_running_at_the_limit_get_an_answer_not_a_reset", **SHORT_GRACE)
-    boot_early("test_idle_kept_alive_connections_do_not_hold_up_the_exit", **IDLE_FOR_LONG)
+    boot_early("test_idle_kept_alive_connections_do_not_hold_up_the_exit", **PATIENT)
 
 
 def test_running_requests_finish_and_nothing_is_reset(start_server):
@@ -172,7 +171,7 @@ def test_idle_server_exits_with_0(gpt2_server):
 
 
 def test_idle_kept_alive_connections_do_not_hold_up_the_exit(start_server):
-    server = start_server(shared=True, **IDLE_FOR_LONG)
+    server = start_server(shared=True, **PATIENT)
     idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     idle.request("GET", "/health")
     assert idle.getresponse().read() and idle.sock is not None  # answered, and kept alive
