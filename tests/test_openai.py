@@ -413,28 +413,22 @@ def long_stream(server, model):
     return response, lines
 
 
-@pytest.fixture
-def one_at_a_time(one_at_a_time_server):
-    """A server with one place in the batch and one in the queue, that wants an API key (API_KEY)."""
-    return one_at_a_time_server
-
-
-def test_with_an_api_key_set_a_wrong_or_missing_key_is_401(one_at_a_time, served_model):
+def test_with_an_api_key_set_a_wrong_or_missing_key_is_401(one_at_a_time_server, served_model):
     with pytest.raises(openai.AuthenticationError) as err:
-        make_client(one_at_a_time, api_key="wrong").completions.create(model=served_model, prompt=PROMPT)
+        make_client(one_at_a_time_server, api_key="wrong").completions.create(model=served_model, prompt=PROMPT)
     assert err.value.status_code == 401 and err.value.type == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
-        make_client(one_at_a_time, api_key="wrong").models.list()
-    assert requests.get(one_at_a_time.url + "/v1/models", timeout=10).status_code == 401
+        make_client(one_at_a_time_server, api_key="wrong").models.list()
+    assert requests.get(one_at_a_time_server.url + "/v1/models", timeout=10).status_code == 401
 
-    client = make_client(one_at_a_time, api_key=API_KEY)
+    client = make_client(one_at_a_time_server, api_key=API_KEY)
     assert client.models.list().data[0].id == served_model
     assert client.completions.create(model=served_model, prompt=PROMPT, max_tokens=2).choices[0].text is not None
 
 
-def test_more_prompts_than_the_queue_holds_is_400(one_at_a_time, served_model):
+def test_more_prompts_than_the_queue_holds_is_400(one_at_a_time_server, served_model):
     with pytest.raises(openai.BadRequestError) as err:
-        make_client(one_at_a_time, api_key=API_KEY).completions.create(model=served_model, prompt=["a", "b"])
+        make_client(one_at_a_time_server, api_key=API_KEY).completions.create(model=served_model, prompt=["a", "b"])
     assert err.value.param == "prompt" and "MAX_QUEUE=1" in err.value.message
 
 
@@ -454,8 +448,8 @@ def queue_full_refusals(server) -> float:
     return metric(server, "gpt_server_requests_refused_total", reason="queue_full")
 
 
-def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time, served_model):
-    server = one_at_a_time
+def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time_server, served_model):
+    server = one_at_a_time_server
     client = make_client(server, api_key=API_KEY)
     busy, _ = long_stream(server, served_model)  # holds the only place in the batch
     outcome = {}
@@ -494,8 +488,8 @@ def test_full_queue_is_refused_at_once_with_503_and_retry_after(one_at_a_time, s
     assert outcome["retrying"].usage.completion_tokens == 2
 
 
-def test_disconnecting_a_stream_cancels_its_generation(one_at_a_time, served_model):
-    server = one_at_a_time
+def test_disconnecting_a_stream_cancels_its_generation(one_at_a_time_server, served_model):
+    server = one_at_a_time_server
     before = cancelled_requests(server)
 
     response, _ = long_stream(server, served_model)  # goes away after the first event
@@ -510,8 +504,8 @@ def test_disconnecting_a_stream_cancels_its_generation(one_at_a_time, served_mod
     assert greedy(make_client(server, api_key=API_KEY), served_model, max_tokens=3).usage.completion_tokens >= 1
 
 
-def test_disconnecting_while_waiting_for_a_whole_answer_cancels_it(one_at_a_time, served_model):
-    server = one_at_a_time
+def test_disconnecting_while_waiting_for_a_whole_answer_cancels_it(one_at_a_time_server, served_model):
+    server = one_at_a_time_server
     before = cancelled_requests(server)
 
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
