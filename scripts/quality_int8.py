@@ -163,9 +163,8 @@ def compare(folder: pathlib.Path, windows_wanted: int, batch_size: int, threads:
 
     torch.set_num_threads(threads)
     _, held_out = source_files()
-    int8_settings = Settings(_env_file=None, model_id=str(folder), quantize="int8")
     models = {"float32": load(), "int8": load(quantize="int8"), "bfloat16": load(dtype="bfloat16"),
-              "int8 int_mm": quantize(load().model, int8_settings, kernel="int_mm")}
+              "int8 int_mm": quantize(load().model, "int8", kernel="int_mm")}
     tokenizer = models["float32"].tokenizer
     models = {label: getattr(m, "model", m) for label, m in models.items()}
     ids = token_stream(tokenizer, read(held_out))

@@ -76,7 +76,7 @@ def test_the_maintained_kernel_computes_what_float32_does(arch, tiny_models):
     """`torch._int_mm` layers, which serve int8 when torch no longer ships FBGEMM's dynamic quantization."""
     reference = load_model(settings(tiny_models.folders[arch], device="cpu"))
     model = load_model(settings(tiny_models.folders[arch], device="cpu")).model
-    quantize(model, settings(tiny_models.folders[arch], quantize="int8"), kernel="int_mm")
+    quantize(model, "int8", kernel="int_mm")
     assert isinstance(model.get_output_embeddings(), Int8Linear)
     assert not [m for m in model.modules() if type(m) in (torch.nn.Linear, Conv1D, torch.nn.Embedding)
                 and m is not getattr(model.transformer, "wpe", None)]
@@ -104,14 +104,14 @@ def assert_close_to_float32(expected: torch.Tensor, got: torch.Tensor) -> None:
 
 def test_none_leaves_the_model_alone(tiny_models):
     loaded = load_model(settings(tiny_models.folders["gpt2"], device="cpu"))
-    assert quantize(loaded.model, settings(tiny_models.folders["gpt2"], quantize="none")) is loaded.model
+    assert quantize(loaded.model, "none") is loaded.model
     assert any(isinstance(m, Conv1D) for m in loaded.model.modules())
 
 
 def test_a_model_on_another_dtype_is_refused(tiny_models):
     loaded = load_model(settings(tiny_models.folders["gpt2"], device="cpu", dtype="bfloat16"))
     with pytest.raises(QuantizationError, match="DTYPE=float32"):
-        quantize(loaded.model, settings(tiny_models.folders["gpt2"], quantize="int8"))
+        quantize(loaded.model, "int8")
 
 
 # ---- serving ---------------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ import warnings
 import torch
 
 from app.model.errors import QuantizationError
-from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +57,14 @@ log = logging.getLogger(__name__)
 INT8_MODEL_TYPES = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "gptj": "GPT-J"}
 
 
-def quantize(model: torch.nn.Module, settings: Settings, kernel: str = "auto") -> torch.nn.Module:
-    """The model as QUANTIZE asks: unchanged for `none`, with int8 linear layers for `int8`.
+def quantize(model: torch.nn.Module, mode: str, kernel: str = "auto") -> torch.nn.Module:
+    """The model as QUANTIZE asks, once resolved for it (`FitPlan.quantize`: never `auto`): unchanged
+    for `none`, with int8 linear layers for `int8`.
 
     `kernel`: "fbgemm", "int_mm", or "auto" (FBGEMM where this torch has it, else `torch._int_mm`).
     """
-    if settings.quantize == "none":
+    if mode == "none":
         return model
-    if settings.quantize == "auto":
-        parameter = next(model.parameters())
-        if resolve_quantize("auto", parameter.device.type, parameter.dtype, model.config.model_type) == "none":
-            return model
     check_int8_applies(model)
     fbgemm = _fbgemm_linear() if kernel in ("auto", "fbgemm") else None
     if kernel == "fbgemm" and fbgemm is None:

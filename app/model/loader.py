@@ -58,7 +58,7 @@ def load_model(settings: Settings, plan: FitPlan | None = None) -> LoadedModel:
     except OSError as exc:
         raise ModelLoadError(not_found_message(settings, exc)) from exc
     model.eval()
-    model = quantize(model, settings)  # QUANTIZE=int8: int8 linear layers; unchanged for QUANTIZE=none
+    model = quantize(model, plan.quantize)  # int8 linear layers where QUANTIZE resolved to int8
     device = plan.device
     if plan.device_map:
         # The engine puts its inputs on `model.device` (the first parameter's: the input embeddings).
