@@ -291,12 +291,6 @@ def inprocess_engines(tiny_models):
 
 
 @pytest.fixture(scope="session")
-def inprocess_engine(tiny_models, inprocess_engines):
-    """The shared engine on tiny GPT-2."""
-    return inprocess_engines(str(tiny_models.folders["gpt2"]))
-
-
-@pytest.fixture(scope="session")
 def make_api(tiny_models, inprocess_engines, app_errors):
     """Factory: `make_api(API_KEY="k", MAX_NEW_TOKENS=8)` gives a test client of a fresh app with these
     settings over the shared engine of its MODEL_ID (engine settings such as MAX_QUEUE need an engine of
