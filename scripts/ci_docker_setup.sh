@@ -19,6 +19,7 @@
 #
 #   bash scripts/ci_docker_setup.sh          # set up (prints what it does)
 #   bash scripts/ci_docker_setup.sh --cuda   # also the CUDA wheelhouse
+#   bash scripts/ci_docker_setup.sh --no-model  # no model folder (and no torch in the tools venv)
 #   bash scripts/ci_docker_setup.sh --stop   # stop the engine, if this script started it
 #
 # Settings (environment): BASE_IMAGE, DEBIAN_MIRROR (default http://deb.debian.org/debian),
@@ -55,13 +56,15 @@ stop_engine() {
     fi
 }
 
-cuda=0
-case "${1:-}" in
-    --stop) stop_engine; exit 0 ;;
-    --cuda) cuda=1 ;;
-    "") ;;
-    *) say "unknown option ${1} (use --cuda or --stop)" >&2; exit 2 ;;
-esac
+cuda=0 model=1
+for option in "$@"; do
+    case "$option" in
+        --stop) stop_engine; exit 0 ;;
+        --cuda) cuda=1 ;;
+        --no-model) model=0 ;;
+        *) say "unknown option $option (use --cuda, --no-model or --stop)" >&2; exit 2 ;;
+    esac
+done
 if [[ $EUID -ne 0 ]]; then
     say "must run as root (installs packages and starts dockerd)" >&2
     exit 1
@@ -215,8 +218,10 @@ fi
 
 # ---------------------------------------------------------------- 6. a model folder
 # scripts/make_tiny_models.py needs torch and transformers: installed into the tools venv from the
-# CPU wheelhouse (no index), once.
-if [[ -f "$MODELS/gpt2/config.json" ]]; then
+# CPU wheelhouse (no index), once: 1.2 GB that --no-model saves where the tests make their own models.
+if ((!model)); then
+    say "no model folder (--no-model)"
+elif [[ -f "$MODELS/gpt2/config.json" ]]; then
     say "model folder build/models/gpt2 already there"
 else
     t=$(date +%s)
@@ -233,7 +238,9 @@ fi
 
 say "ready: docker $(docker version --format '{{.Server.Version}}'), $(docker buildx version | cut -d' ' -f1,2), base image $BASE_IMAGE"
 say "an offline build and start, from $REPO_ROOT:"
-echo "  export BASE_IMAGE=$BASE_IMAGE WHEELHOUSE=build/wheelhouse/cpu MODEL_SOURCE=build/models/gpt2"
+model_source=""
+if ((model)); then model_source=" MODEL_SOURCE=build/models/gpt2"; fi
+echo "  export BASE_IMAGE=$BASE_IMAGE WHEELHOUSE=build/wheelhouse/cpu$model_source"
 echo "  docker compose up --build"
 if ((cuda)); then
     echo "  # the CUDA image: COMPOSE_PROFILES=gpu WHEELHOUSE=build/wheelhouse/cuda docker compose up --build"

@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -286,7 +287,8 @@ def gpt2_medium_float32(tmp_path_factory, tiny_models):
         (folder / name).write_bytes((tiny / name).read_bytes())
     config = GPT2Config(n_embd=1024, n_layer=24, n_head=16, vocab_size=50257, bos_token_id=0, eos_token_id=0)
     bench_models.write_random_checkpoint(folder, config, "float32")
-    return folder, tiny
+    yield folder, tiny
+    shutil.rmtree(folder)  # 1.4 GB: not left for the rest of the run
 
 
 @pytest.mark.slow
