@@ -46,8 +46,12 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8", "auto"] = Field(
         "none", description="int8: linear layers with int8 weights, the fastest way to serve on a CPU (CPU and "
         "float32 only; see app/model/int8.py); auto: int8 where it applies (on the CPU, float32 weights, GPT-2, "
-        "GPT-Neo or GPT-J), none elsewhere (GPUs, DTYPE=bfloat16); none: the weights as loaded (float32 on the CPU "
-        "computes what transformers does, bit for bit)",
+        "GPT-Neo or GPT-J), none elsewhere (GPUs, DTYPE=bfloat16); none: the weights as loaded",
+    )
+    cpu_kernels: Literal["packed", "reference"] = Field(
+        "packed", description="float32 on the CPU (QUANTIZE=none): packed = the linear layers' weights laid out "
+        "once for oneDNN, about twice as fast at a few rows (see app/model/packed.py), results within float32 "
+        "rounding of transformers'; reference = transformers' own layers, bit for bit",
     )
 
     # Memory: what the model may use, and what happens when it does not fit (see app/model/fit.py).
@@ -152,7 +156,7 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value.strip()
 
-    @field_validator("dtype", "quantize", "offload", "log_format", "log_level", mode="before")
+    @field_validator("dtype", "quantize", "cpu_kernels", "offload", "log_format", "log_level", mode="before")
     @classmethod
     def _lower_case(cls, value):
         """Choices are case-insensitive: QUANTIZE=INT8 and LOG_LEVEL=DEBUG mean what they say."""

@@ -258,11 +258,12 @@ def status(field):
 
 warm_up, folder, dtype = sys.argv[1:4]
 # Imports and one small load first: the measurement is of the weights, not of the libraries.
-load_model(Settings(_env_file=None, model_id=warm_up, device="cpu", dtype=dtype))
+# CPU_KERNELS=reference: the loader's own peak, without the float32 weights' packing for oneDNN.
+load_model(Settings(_env_file=None, model_id=warm_up, device="cpu", dtype=dtype, cpu_kernels="reference"))
 gc.collect()
 open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
 before = status("VmRSS")
-loaded = load_model(Settings(_env_file=None, model_id=folder, device="cpu", dtype=dtype))
+loaded = load_model(Settings(_env_file=None, model_id=folder, device="cpu", dtype=dtype, cpu_kernels="reference"))
 peak = status("VmHWM")
 model = loaded.model
 weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

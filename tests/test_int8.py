@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from app.model.errors import QuantizationError
 from app.model.int8 import Int8Embedding, Int8Linear, is_int8_linear, quantize
 from app.model.loader import load_model
+from app.model.packed import PackedLinear
 from app.settings import Settings
 from tests.conftest import ARCHITECTURES, batch_size, wait_for_exit, wait_until
 
@@ -30,13 +31,8 @@ PROMPT = "Beautiful is better than ugly. Explicit is better than implicit."
 
 
 def settings(model_id, **values) -> Settings:
-    return Settings(_env_file=None, model_id=str(model_id), **values)
-
-
-
-
-
-
+    """float32 is transformers' own layers here (CPU_KERNELS=reference): the reference int8 is held to."""
+    return Settings(_env_file=None, model_id=str(model_id), **{"cpu_kernels": "reference", **values})
 
 
 # ---- int8 computes what float32 does ---------------------------------------------------------------
@@ -168,6 +164,24 @@ def test_auto_serves_int8_where_it_applies(inprocess_server, dtype, expected):
         assert answer.status_code == 200, answer.get_data(as_text=True)
     finally:
         server.stop()
+
+
+def test_float32_on_the_cpu_packs_its_layers_unless_reference_is_asked(inprocess_server):
+    """QUANTIZE=none on the CPU: the linear layers packed for oneDNN (CPU_KERNELS=packed, the default), or
+    transformers' own (reference); the greedy text is the same."""
+    texts = {}
+    for kernels in ("packed", "reference"):
+        server = inprocess_server(fresh=True, QUANTIZE="none", DEVICE="cpu", CPU_KERNELS=kernels)
+        try:
+            model = server.engine.loaded.model
+            assert isinstance(model.get_output_embeddings(), PackedLinear) == (kernels == "packed")
+            assert any(isinstance(m, Conv1D) for m in model.modules()) == (kernels == "reference")
+            answer = server.client.post("/generate", json={"text": {"plain": PROMPT}, "max_new_tokens": 16})
+            assert answer.status_code == 200, answer.get_data(as_text=True)
+            texts[kernels] = answer.get_json()["sentences"][0]["generated_text"]
+        finally:
+            server.stop()
+    assert texts["packed"] == texts["reference"]
 
 
 def openai_client(server) -> openai.OpenAI:

@@ -273,7 +273,7 @@ class Int8Embedding(torch.nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, dtype=int8"
 
 
-def _release_float32_weights(model: torch.nn.Module) -> None:
+def _release_float32_weights(model: torch.nn.Module, keep: torch.Tensor | None = None) -> None:
     """Give the float32 parameters left (layer norms, position embeddings) memory of their own.
 
     The loader serves float32 checkpoints from the memory-mapped file itself; the mapping stays as long
@@ -283,7 +283,8 @@ def _release_float32_weights(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for module in model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
-                module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+                if param is not keep:
+                    module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
 
 
 def _drop_pages(tensor: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from app.model.errors import ModelLoadError
 from app.model.files import load_config, model_folder, not_found_message
 from app.model.fit import FitPlan, context_length_of, gib, plan_fit
 from app.model.int8 import quantize
+from app.model.packed import pack_linear_layers, packing_applies
 from app.model.safetensors_stream import load_weights
 from app.settings import Settings
 
@@ -59,6 +60,9 @@ def load_model(settings: Settings, plan: FitPlan | None = None) -> LoadedModel:
         raise ModelLoadError(not_found_message(settings, exc)) from exc
     model.eval()
     model = quantize(model, plan.quantize)  # int8 linear layers where QUANTIZE resolved to int8
+    if settings.cpu_kernels == "packed" and packing_applies(plan.device.type, plan.dtype, plan.quantize,
+                                                         model.config.model_type):
+        model = pack_linear_layers(model)
     device = plan.device
     if plan.device_map:
         # The engine puts its inputs on `model.device` (the first parameter's: the input embeddings).
