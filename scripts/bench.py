@@ -13,10 +13,12 @@ What it does:
 2. measures in-process `model.generate` at batch 1 and 16 (the baseline);
 3. starts the real server (`python -m app`) on that model, once per --quantize mode (float32, then
    QUANTIZE=int8), and for each concurrency level runs that many clients in parallel streaming
-   `/generate_stream` with different 32-word (about 100-token) prompts, 128 new tokens, sampling with top-k 50 and
+   `/generate_stream` with different 10-word (about 32-token) prompts, 128 new tokens, sampling with top-k 50 and
    temperature 0.6;
 4. prints aggregate generated tokens/s, p50/p90 latency, p50 time to first token and the peak
    resident memory of all the server's processes, each throughput also as a ratio to the float32 baseline.
+The server runs as the images run it, with jemalloc as its allocator where libjemalloc2 is installed
+(`LD_PRELOAD= python scripts/bench.py` keeps glibc's).
 
 With --profile it instead drives the engine in this process (float32, same requests) and prints,
 for each batch size, the share of a decoding step spent in the model's forward, penalties,
@@ -28,6 +30,7 @@ distort the shares).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import pathlib
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NEW_TOKENS = 128
-PROMPT_WORDS = 32
+PROMPT_WORDS = 10  # about 32 tokens
 SAMPLING = {"do_sample": True, "top_k": 50, "temperature": 0.6}
 
 
@@ -146,6 +149,8 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{port}"
         env = dict(os.environ, PYTHONPATH=str(ROOT), MODEL_ID=str(model_dir), PORT=str(port), HOST="127.0.0.1",
                    MAX_BATCH_SIZE="32", **env_extra)
+        if "LD_PRELOAD" not in env:  # as the images run it: jemalloc when installed (LD_PRELOAD= keeps glibc's)
+            env["LD_PRELOAD"] = next(iter(glob.glob("/usr/lib/*/libjemalloc.so.2")), "")
         self.log = open(model_dir.parent / f"server-{port}.log", "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "app"], env=env, cwd=model_dir.parent,
                                         stdout=self.log, stderr=subprocess.STDOUT)
