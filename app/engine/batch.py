@@ -10,9 +10,12 @@ ids; GPT-Neo's local attention counts its window back from the last column, so r
 is what keeps it exact). Each step writes one column for every row.
 
 So a row joining copies only its own prompt's keys and values into free slots, and a row leaving
-moves at most one other row (the last) into its slot. The storage is re-laid out only when it runs
-out of slots or columns (then it grows by a quarter, or the window shifts back to column 0, which
-happens at most once per `reserve` steps), and it is freed when the batch empties.
+moves at most one other row (the last) into its slot. The storage has as many columns as the longest
+row can ever take (its prompt and every token it may generate), not the window plus the longest
+row's steps left: a row joining late adds no columns for the old rows' history, which leaves the
+window as the old rows finish. It is re-laid out only when it runs out of slots or columns (then it
+grows, or the window shifts back to column 0 once the old rows' columns have left it), and it is
+freed when the batch empties.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def _round_up(columns: int) -> int:
 
 class Batch:
     def __init__(self, rows, next_tokens, attention_mask, layers, vocab_size):
-        """`rows`: objects with `params`, `prompt_ids`, `generated` and `steps_left` (read, not kept);
+        """`rows`: objects with `params`, `prompt_ids`, `generated` and `max_total_tokens` (read, not kept);
         `layers`: each layer's keys and values [rows, heads, columns, head_dim], which become the
         batch's storage as they are (a prefilled group gets room to decode once it needs it)."""
         self.rows = len(rows)
@@ -132,7 +135,7 @@ class Batch:
         self.cache = DynamicCache()
         self.cache.layers = [_SlotLayer(keys, values) for keys, values in layers]
         self.vocab_size = vocab_size
-        self._reserve = _steps_left(rows)  # free columns to keep after the window when laying out
+        self._horizon = _horizon(rows)  # the storage's columns when laying out
         self.sampling = SamplingTensors.build([row.params for row in rows], attention_mask.device, vocab_size)
         self.seen: torch.Tensor | None = None  # [B, V] bool: prompt and output tokens (repetition penalty)
         self.output_counts: torch.Tensor | None = None  # [B, V] int: output tokens (presence/frequency)
@@ -222,9 +225,9 @@ class Batch:
 
     def _append(self, other: "Batch", rows: list) -> None:
         width = max(self.width, other.width)
-        self._reserve = max(self._reserve, other._reserve)
+        self._horizon = max(self._horizon, other._horizon)
         for layer in self._layers:
-            layer.lay_out(self.rows + other.rows, width, width + self._reserve)
+            layer.lay_out(self.rows + other.rows, width, max(width + 1, self._horizon))
         for layer, theirs in zip(self._layers, other._layers):
             layer.append(theirs)
         self.attention_mask = torch.cat([F.pad(self.attention_mask, (width - self.width, 0)),
@@ -273,7 +276,7 @@ class Batch:
         for layer in self._layers:
             layer.narrow(self.rows, padding)
         new_rows = [rows[i] for i in order]
-        self._reserve = _steps_left(new_rows)
+        self._horizon = _horizon(new_rows)
         self.sampling = SamplingTensors.build([row.params for row in new_rows], self.device, self.vocab_size)
         if self._uses_penalties:  # its rows used penalties before, so the state is there
             self.seen, self.output_counts = self.seen[: self.rows], self.output_counts[: self.rows]
@@ -298,8 +301,7 @@ class Batch:
         """One decoding step for every row; returns the next-token logits [B, V]."""
         if self._layers[0].end == self._layers[0].columns:  # no free column left: lay out anew
             for layer in self._layers:
-                layer.lay_out(self.rows, self.width, self.width + max(self._reserve, 1))
-        self._reserve -= 1
+                layer.lay_out(self.rows, self.width, max(self.width + 1, self._horizon))
         self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         positions = self.attention_mask.sum(dim=-1, keepdim=True) - 1
         out = model(
@@ -317,10 +319,11 @@ class Batch:
             self.seen.scatter_(1, column, True)
 
 
-def _steps_left(rows) -> int:
-    """Columns the rows will still write at most: their most steps left, plus one for the token
-    chosen last."""
-    return max((row.steps_left for row in rows), default=0) + 1
+def _horizon(rows) -> int:
+    """Columns the longest of the rows can ever take: its prompt and every token it may generate.
+    The window never needs more (a row leaves before it would), so storage this wide needs at most
+    a shift back to column 0 now and then, never more columns."""
+    return max((row.max_total_tokens for row in rows), default=1)
 
 
 class ChunkedPrefill:
