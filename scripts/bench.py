@@ -20,7 +20,7 @@ What it does:
 The server runs as the images run it, with jemalloc as its allocator where libjemalloc2 is installed
 (`LD_PRELOAD= python scripts/bench.py` keeps glibc's).
 
-With --profile it instead drives the engine in this process (float32, same requests) and prints,
+With --profile it instead drives the engine in this process (each --quantize mode, same requests) and prints,
 for each batch size, the share of a decoding step spent in the model's forward, penalties,
 sampling, log-probabilities, detokenization, batch bookkeeping and the Python around them, then
 the forward's operators by self time (torch.profiler, in a second pass so its overhead does not
@@ -321,20 +321,19 @@ def print_table(rows: list[Row], baseline: dict[int, float]) -> None:
 
 # ---- the profile -------------------------------------------------------------------------------
 
-def profile_engine(model_dir: pathlib.Path, batch_sizes: list[int], threads: int, steps: int) -> None:
-    """Print where a decoding step's time goes at each batch size (the engine driven inline)."""
-    import types
-
+def profile_engine(model_dir: pathlib.Path, quantize: str, batch_sizes: list[int], threads: int, steps: int) -> None:
+    """Print where a decoding step's time goes at each batch size (the engine driven inline, on the
+    model as the server loads it)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from app.engine import Engine, GenerationRequest, SamplingParams, profiling
+    from app.model.loader import load_model
+    from app.settings import Settings
 
     torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    loaded = types.SimpleNamespace(model=model, tokenizer=tokenizer, device=torch.device("cpu"),
-                                   dtype=torch.float32, context_length=model.config.n_positions)
+    loaded = load_model(Settings(_env_file=None, model_id=str(model_dir), device="cpu", quantize=quantize))
+    tokenizer = loaded.tokenizer
+    print(f"\nQUANTIZE={quantize}:", end="")
 
     def run(batch: int, new_tokens: int) -> None:
         engine = Engine(lambda: loaded, max_batch_size=batch, max_batch_tokens=10**9, max_queue=batch,
@@ -409,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = make_model(args.model_dir)
     print(f"model: {model_dir} (GPT-2 small, random weights), {threads} torch threads", flush=True)
     if args.profile:
-        profile_engine(model_dir, args.profile_batch, threads, args.profile_steps)
+        for quantize in args.quantize:
+            profile_engine(model_dir, quantize, args.profile_batch, threads, args.profile_steps)
         return 0
     if args.long_prompts:
         for quantize in args.quantize:

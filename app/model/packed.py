@@ -48,18 +48,17 @@ def pack_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
     with torch.no_grad():
+        # lm_head first, the largest matrix: while it is packed, the others have not been read yet.
+        model.set_output_embeddings(PackedLinear(head.weight, head.bias))
+        _drop_pages(head.weight)
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if child is head:
-                    continue
                 if isinstance(child, Conv1D):  # GPT-2: x @ W + b with W stored [in, out]
                     setattr(parent, name, PackedLinear(child.weight.t(), child.bias))
                     _drop_pages(child.weight)
                 elif type(child) is torch.nn.Linear:
                     setattr(parent, name, PackedLinear(child.weight, child.bias))
                     _drop_pages(child.weight)
-        model.set_output_embeddings(PackedLinear(head.weight, head.bias))
-        _drop_pages(head.weight)
     # The token embedding keeps its plain matrix for its lookups (when tied, the one lm_head was packed
     # from). From a memory-mapped checkpoint only the rows of tokens actually looked up are read back
     # into memory, so it is not copied out of the mapping with the small tensors.
