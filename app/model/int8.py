@@ -6,7 +6,7 @@ channel; each call rounds its input to 8 bits on the fly, multiplies in integers
 Decoding on a CPU is bound by reading the weights from memory every step, and int8 weights are a
 quarter of float32's; the integer kernels (AVX-512 VNNI / AVX2) also do four times the arithmetic per
 instruction, which is what counts once many rows share a step. Position embeddings, layer norms and
-attention stay in float32; the MLP's activation runs as one fused kernel (`_fuse_gelu`).
+attention stay in float32; the MLP's activation runs as one fused kernel (`fuse_gelu`, app/model/layers.py).
 
 Two kernels compute the same thing (per-channel int8 weights, activations rounded to 8 bits per call):
 
@@ -39,22 +39,22 @@ memory-mapped checkpoint, unmapped): GPT-2 small keeps ~170 MB of weights instea
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import mmap
-import sys
 import time
 import warnings
 
 import torch
 
 from app.model.errors import QuantizationError
+from app.model.layers import (
+    CONVERTIBLE_MODEL_TYPES,
+    drop_pages,
+    fuse_gelu,
+    release_float32_weights,
+    swap_linear_layers,
+)
 
 log = logging.getLogger(__name__)
-
-# The architectures whose layers are known to convert (and are tested): their linear layers are
-# torch.nn.Linear or GPT-2's Conv1D, and nothing reads a linear layer's `.weight` outside its forward.
-INT8_MODEL_TYPES = {"gpt2": "GPT-2", "gpt_neo": "GPT-Neo", "gptj": "GPT-J"}
 
 
 def quantize(model: torch.nn.Module, mode: str, kernel: str = "auto") -> torch.nn.Module:
@@ -84,16 +84,16 @@ def resolve_quantize(setting: str, device_type: str, dtype: torch.dtype, model_t
     """What QUANTIZE means for this model on this device: `auto` is int8 where int8 applies, else none."""
     if setting != "auto":
         return setting
-    applies = device_type == "cpu" and dtype == torch.float32 and model_type in INT8_MODEL_TYPES
+    applies = device_type == "cpu" and dtype == torch.float32 and model_type in CONVERTIBLE_MODEL_TYPES
     return "int8" if applies else "none"
 
 
 def check_int8_applies(model: torch.nn.Module) -> None:
     """Refuse, with a message naming what would work, where int8 weights do not apply."""
     model_type = model.config.model_type
-    if model_type not in INT8_MODEL_TYPES:
+    if model_type not in CONVERTIBLE_MODEL_TYPES:
         raise QuantizationError(
-            f"QUANTIZE=int8 supports {', '.join(INT8_MODEL_TYPES.values())} models; this model is "
+            f"QUANTIZE=int8 supports {', '.join(CONVERTIBLE_MODEL_TYPES.values())} models; this model is "
             f"{model_type!r} ({type(model).__name__}). Use QUANTIZE=none."
         )
     devices = {p.device.type for p in model.parameters()}
@@ -133,7 +133,7 @@ def _fbgemm_linear():
         linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
         if bias is not None:
             # The packed layer keeps the bias tensor it is given: a copy, so that nothing of the int8
-            # model points into the loaded float32 weights any more (see _release_float32_weights).
+            # model points into the loaded float32 weights any more (see release_float32_weights).
             linear.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         # Per-channel weight scales: each output row keeps its own range (lm_head's rows differ a lot).
         linear.qconfig = per_channel_dynamic_qconfig
@@ -156,22 +156,11 @@ def is_int8_linear(module: torch.nn.Module) -> bool:
 
 
 def _to_int8(model: torch.nn.Module, int8_linear) -> None:
-    """Swap the layers in place, one at a time, so that at most one layer's temporary copies exist."""
-    from transformers.pytorch_utils import Conv1D
-
+    """Swap the layers in place, the linear layers first, then lm_head and the token embedding."""
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
     tied = head.weight is embedding.weight
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if child is head:
-                continue
-            if isinstance(child, Conv1D):  # GPT-2: x @ W + b with W stored [in, out]
-                setattr(parent, name, int8_linear(child.weight.t(), child.bias))
-                _drop_pages(child.weight)
-            elif type(child) is torch.nn.Linear:
-                setattr(parent, name, int8_linear(child.weight, child.bias))
-                _drop_pages(child.weight)
+    swap_linear_layers(model, int8_linear, skip=head)
     # lm_head, from its own matrix or (GPT-2, GPT-Neo) the embedding's it is tied to.
     int8_head = int8_linear(head.weight, head.bias)
     model.set_output_embeddings(int8_head)
@@ -179,26 +168,10 @@ def _to_int8(model: torch.nn.Module, int8_linear) -> None:
         model.set_input_embeddings(Int8Embedding(int8_head.weight, int8_head.scales))
     else:
         model.set_input_embeddings(Int8Embedding(*quantize_rows(embedding.weight.detach())))
-    _drop_pages(head.weight)
-    _drop_pages(embedding.weight)
-    _release_float32_weights(model)
-    _fuse_gelu(model)
-
-
-def _fuse_gelu(model: torch.nn.Module) -> None:
-    """GPT-2, GPT-Neo and GPT-J's activation ("gelu_new") as one fused kernel instead of six element-wise ops.
-
-    The same formula (the tanh approximation of GELU), computed by torch in one pass: results differ
-    from the Python version by float32 rounding (<= 3e-7 here). Once the matrix products are int8, these
-    element-wise passes over the MLP's activations are a visible part of a step: measured on GPT-2
-    small at batch 16, a decoding step went from 37 to 33 ms.
-    """
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is NewGELUActivation:
-                setattr(parent, name, GELUTanh())
+    drop_pages(head.weight)
+    drop_pages(embedding.weight)
+    release_float32_weights(model)
+    fuse_gelu(model)
 
 
 def quantize_rows(weight: torch.Tensor, rows_at_once: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +198,7 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """`weight` [out, in] may be a view (a transposed Conv1D weight, the embedding): only the int8 copy
         is made, never a float32 one. The bias is copied, so that nothing of the int8 model points into
-        the loaded float32 weights any more (see _release_float32_weights)."""
+        the loaded float32 weights any more (see release_float32_weights)."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         int8, scales = quantize_rows(weight.detach())
@@ -271,47 +244,6 @@ class Int8Embedding(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, dtype=int8"
-
-
-def _release_float32_weights(model: torch.nn.Module, keep: torch.Tensor | None = None) -> None:
-    """Give the float32 parameters left (layer norms, position embeddings) memory of their own.
-
-    The loader serves float32 checkpoints from the memory-mapped file itself; the mapping stays as long
-    as one tensor points into it, and every page the conversion read stays in the process's resident
-    memory with it. Copying the few small tensors left lets the whole mapping go.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            for name, param in list(module.named_parameters(recurse=False)):
-                if param is not keep:
-                    module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-
-
-def _drop_pages(tensor: torch.Tensor) -> None:
-    """Let the kernel take back the memory of a float32 weight that has just been converted.
-
-    The loader serves float32 checkpoints from the memory-mapped file, and each page the conversion
-    reads stays resident until the whole mapping goes (after the last layer). Without this, converting
-    reads the full float32 model into memory on top of the int8 one, and the process's peak memory is
-    higher than the float32 server's. MADV_PAGEOUT only ever drops pages that can be read back (file
-    pages) or swapped; it never changes data, so it is safe whatever the tensor's memory is. Linux 5.4+;
-    elsewhere, or if refused, nothing happens (only the peak is higher).
-    """
-    if _libc is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return
-    page = mmap.PAGESIZE
-    # Whole pages inside this tensor only (its storage may be the whole file, other weights included).
-    start = -(-tensor.data_ptr() // page) * page
-    end = (tensor.data_ptr() + tensor.nbytes) // page * page
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
-
-
-_MADV_PAGEOUT = 21
-try:
-    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-except OSError:
-    _libc = None
 
 
 @contextlib.contextmanager

@@ -15,9 +15,10 @@ Measured on a 2-core AVX-512 CPU (GPT-2 small, the 48 matrices of the blocks plu
 read from memory, not cache), time of the products of one decoding step, reference -> packed:
 batch 1 30 -> 19 ms, batch 4 62 -> 27 ms, batch 16 72 -> 43 ms.
 
-Memory: the blocks' weights move into the packed layout (no second copy). `lm_head` is packed too; when
-it shares its matrix with the token embedding (GPT-2, GPT-Neo), the embedding keeps the plain matrix
-for its lookups, so the vocabulary matrix is held twice (GPT-2 small: 154 MB more).
+Memory: the weights move into the packed layout, one layer at a time, `lm_head` first. The token
+embedding keeps its plain matrix for its lookups (in GPT-2 and GPT-Neo the one `lm_head` was packed
+from): from a memory-mapped float32 checkpoint only the rows of the tokens looked up are read back into
+memory; weights converted at load (a float16 checkpoint) hold the vocabulary matrix twice.
 """
 
 from __future__ import annotations
@@ -27,43 +28,28 @@ import time
 
 import torch
 
-from app.model.int8 import INT8_MODEL_TYPES, _drop_pages, _fuse_gelu, _release_float32_weights
+from app.model.layers import CONVERTIBLE_MODEL_TYPES, drop_pages, fuse_gelu, release_float32_weights, swap_linear_layers
 
 log = logging.getLogger(__name__)
-
-# The architectures whose linear layers are known to convert: the same as int8's.
-PACKED_MODEL_TYPES = INT8_MODEL_TYPES
 
 
 def packing_applies(device_type: str, dtype: torch.dtype, quantize: str, model_type: str) -> bool:
     return (device_type == "cpu" and dtype == torch.float32 and quantize == "none"
-            and model_type in PACKED_MODEL_TYPES and torch.backends.mkldnn.is_available())
+            and model_type in CONVERTIBLE_MODEL_TYPES and torch.backends.mkldnn.is_available())
 
 
 def pack_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap the model's linear layers (and lm_head) for packed ones, in place, one at a time."""
-    from transformers.pytorch_utils import Conv1D
-
+    """Swap the model's linear layers and lm_head for packed ones, in place."""
     started = time.perf_counter()
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
+    # lm_head first, the largest matrix: while it is packed, the others have not been read yet.
     with torch.no_grad():
-        # lm_head first, the largest matrix: while it is packed, the others have not been read yet.
         model.set_output_embeddings(PackedLinear(head.weight, head.bias))
-        _drop_pages(head.weight)
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, Conv1D):  # GPT-2: x @ W + b with W stored [in, out]
-                    setattr(parent, name, PackedLinear(child.weight.t(), child.bias))
-                    _drop_pages(child.weight)
-                elif type(child) is torch.nn.Linear:
-                    setattr(parent, name, PackedLinear(child.weight, child.bias))
-                    _drop_pages(child.weight)
-    # The token embedding keeps its plain matrix for its lookups (when tied, the one lm_head was packed
-    # from). From a memory-mapped checkpoint only the rows of tokens actually looked up are read back
-    # into memory, so it is not copied out of the mapping with the small tensors.
-    _release_float32_weights(model, keep=embedding.weight)
-    _fuse_gelu(model)
+    drop_pages(head.weight)
+    swap_linear_layers(model, PackedLinear)
+    release_float32_weights(model, keep=embedding.weight)  # its rows are read where they are
+    fuse_gelu(model)
     log.info("float32 linear layers packed for oneDNN in %.2f s", time.perf_counter() - started)
     return model
 
