@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from app.engine.engine import LONG_PROMPT_TOKENS, PREFILL_CHUNK_TOKENS
+from app.engine.engine import LONG_PROMPT_TOKENS, PREFILL_CHUNK_TOKENS, PREFILL_GROUP_TOKENS
 from app.engine.request import (
     Delta,
     GenerationRequest,
@@ -94,6 +94,40 @@ def test_one_bad_request_is_refused_alone(tiny):
     assert good.result().completion_tokens > 0
     assert huge_k.result().completion_tokens > 0
     assert text_of(tiny_t) == text_of(greedy)  # an overflowing temperature decodes greedily
+
+
+def test_a_burst_is_prefilled_in_groups_each_answered_before_the_next_runs(tiny):
+    """Requests admitted together: each group of about PREFILL_GROUP_TOKENS prompt tokens gets its first
+    tokens before the next group's prefill, so the first requests of a burst do not wait for the last."""
+    from app.engine.observer import EngineObserver
+
+    class Recorder(EngineObserver):
+        def __init__(self):
+            self.events = []
+
+        def prefilled(self, requests, prompt_tokens, seconds):
+            self.events.append(("prefill", requests, prompt_tokens))
+
+        def first_token(self, seconds_since_submit):
+            self.events.append(("first token",))
+
+    loaded = tiny["gpt2"]
+    tokenizer = loaded.tokenizer
+    recorder = Recorder()
+    engine = inline_engine(loaded, observer=recorder)
+    prompt = "Beautiful is better than ugly. " * 40
+    ids = tuple(tokenizer(prompt).input_ids[: PREFILL_GROUP_TOKENS // 3])  # three prompts fill a group
+    for _ in range(8):
+        engine.submit(GenerationRequest(ids, 2, SamplingParams()))
+    with torch.inference_mode():
+        engine.run_once()
+    size = len(ids)
+    assert recorder.events[:12] == [
+        ("prefill", 3, 3 * size), *[("first token",)] * 3,
+        ("prefill", 3, 3 * size), *[("first token",)] * 3,
+        ("prefill", 2, 2 * size), *[("first token",)] * 2,
+    ]
+    run_until_idle(engine)
 
 
 def test_a_long_prompt_is_prefilled_between_decoding_steps(tiny):
