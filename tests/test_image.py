@@ -14,7 +14,7 @@ Build inputs, each overridable from the environment:
 The models are tiny ones made by `scripts/make_tiny_models.py` and baked in from the build context
 (MODEL_SOURCE, no MODEL_ID: served as local/<folder name>), so no model hub is needed either.
 
-Dockerfile.cuda is built from build/wheelhouse/cuda (PyPI's CUDA build of torch, made by
+Dockerfile.cuda is built from build/cuda-wheels (PyPI's CUDA build of torch, made by
 `scripts/ci_docker_setup.sh --cuda`), served as a package index by pypiserver, and started without a GPU: DEVICE=cuda must be refused,
 DEVICE=auto must serve on the CPU. Running it on a GPU is `scripts/gpu_check.py`'s job.
 
@@ -44,6 +44,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_BASE_IMAGE = "local/python-base:3.11"
 MODELS_DIR = "build/models/image-test"  # in the build context (see .dockerignore)
+CUDA_WHEELS = "build/cuda-wheels"  # outside it: served as a package index
 ARCHS = ("gpt2", "gpt-neo")
 SERVED = {arch: f"local/{arch}" for arch in ARCHS}  # the name a MODEL_SOURCE folder is served under
 CONTAINER_PORT = 49151
@@ -273,18 +274,19 @@ def models():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def offline_build_env(wheelhouse_name: str) -> dict[str, str]:
-    """The offline build variables scripts/ci_docker_setup.sh prints, where their inputs exist."""
-    env: dict[str, str] = {}
+def base_image_env() -> dict[str, str]:
+    """BASE_IMAGE as scripts/ci_docker_setup.sh prints it, where that image exists."""
     base_image = os.environ.get("BASE_IMAGE") or (LOCAL_BASE_IMAGE if image_exists(LOCAL_BASE_IMAGE) else "")
-    if base_image:
-        env["BASE_IMAGE"] = base_image
+    return {"BASE_IMAGE": base_image} if base_image else {}
+
+
+def offline_build_env() -> dict[str, str]:
+    """The offline build variables scripts/ci_docker_setup.sh prints, where their inputs exist."""
     wheelhouse = os.environ.get("WHEELHOUSE")
     if wheelhouse is None:
-        folder = f"build/wheelhouse/{wheelhouse_name}"
+        folder = "build/wheelhouse/cpu"
         wheelhouse = folder if any((ROOT / folder).glob("torch-*.whl")) else ""
-    env["WHEELHOUSE"] = wheelhouse
-    return env
+    return {**base_image_env(), "WHEELHOUSE": wheelhouse}
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +299,7 @@ def project(models, request):
     port = README_PORT if port_is_free(README_PORT) else free_port()
     name = f"hgpt-test-{uuid.uuid4().hex[:8]}"
     env = clean_env(COMPOSE_PROJECT_NAME=name, IMAGE_NAME=name, MODEL_SOURCE=f"{MODELS_DIR}/gpt2",
-                    **offline_build_env("cpu"))
+                    **offline_build_env())
     if port != README_PORT:
         env["PORT"] = str(port)
         curl = curl.replace(f"localhost:{README_PORT}", f"localhost:{port}")
@@ -516,12 +518,13 @@ def package_index(wheelhouse: Path):
 
 @pytest.fixture(scope="module")
 def cuda_image(models, request):
-    build = offline_build_env("cuda")
-    wheelhouse = build.pop("WHEELHOUSE")
-    if wheelhouse and not any("+cpu" not in w.name for w in (ROOT / wheelhouse).glob("torch-*.whl")):
-        pytest.fail(f"{wheelhouse} holds no CUDA build of torch", pytrace=False)
+    build = base_image_env()
+    wheels = list((ROOT / CUDA_WHEELS).glob("torch-*.whl"))
+    wheelhouse = CUDA_WHEELS if wheels else ""
+    if wheels and all("+cpu" in w.name for w in wheels):
+        pytest.fail(f"{CUDA_WHEELS} holds no CUDA build of torch", pytrace=False)
     if not wheelhouse and os.environ.get("IMAGE_TEST_CUDA") != "1":
-        pytest.skip("no build/wheelhouse/cuda (scripts/ci_docker_setup.sh --cuda makes it); "
+        pytest.skip(f"no {CUDA_WHEELS} (scripts/ci_docker_setup.sh --cuda makes it); "
                     "IMAGE_TEST_CUDA=1 builds from the package index instead (~3 GB)")
     name = f"hgpt-test-{uuid.uuid4().hex[:8]}"
     image = f"{name}:cuda"
