@@ -214,12 +214,12 @@ class Engine:
                 continue
             accepted.append(handle)
         for group in _prefill_groups(accepted):
-            if len(group) > 1 and not self._prefill(group, report_failure=False):
+            if len(group) == 1:
+                self._prefill(group)
+            elif not self._prefill(group, report_failure=False):
                 # Something in the group failed: prefill each alone, so that only the culprit fails.
                 for handle in group:
                     self._prefill([handle])
-            elif len(group) == 1:
-                self._prefill(group)
 
     def _refusal(self, request) -> str | None:
         """Why this one request cannot be served (its neighbours must not fail with it), or None."""
