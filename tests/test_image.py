@@ -15,8 +15,9 @@ The models are tiny ones made by `scripts/make_tiny_models.py` and baked in from
 (MODEL_SOURCE, no MODEL_ID: served as local/<folder name>), so no model hub is needed either.
 
 Dockerfile.cuda is built from build/cuda-wheels (PyPI's CUDA build of torch, made by
-`scripts/ci_docker_setup.sh --cuda`), served as a package index by pypiserver, and started without a GPU: DEVICE=cuda must be refused,
-DEVICE=auto must serve on the CPU. Running it on a GPU is `scripts/gpu_check.py`'s job.
+`scripts/ci_docker_setup.sh --cuda`), served as a package index by pypiserver, and started without
+a GPU: DEVICE=cuda must be refused, DEVICE=auto must serve on the CPU. Running it on a GPU is
+`scripts/gpu_check.py`'s job.
 
 Measurements (image sizes, build and rebuild times, bytes a model swap adds, time to healthy) are
 printed, never asserted on time.
