@@ -71,7 +71,7 @@ def drop_pages(tensor: torch.Tensor) -> None:
     The loader serves float32 checkpoints from the memory-mapped file, and each page the conversion
     reads stays resident until the whole mapping goes (after the last layer). Without this, converting
     reads the full float32 model into memory on top of the converted one, and the process's peak memory
-    is higher than the float32 server's. _MADV_PAGEOUT only ever drops pages that can be read back (file
+    is higher than the float32 server's. MADV_PAGEOUT only ever drops pages that can be read back (file
     pages) or swapped; it never changes data, so it is safe whatever the tensor's memory is. Linux 5.4+;
     elsewhere, or if refused, nothing happens (only the peak is higher).
     """

@@ -55,19 +55,20 @@ def pack_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class PackedLinear(torch.nn.Module):
-    """y = x W^T + b in float32, with W (and b) held in oneDNN's layout."""
+    """y = x W^T + b in float32, with W held in oneDNN's layout."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """`weight` [out, in] may be a view (a transposed Conv1D weight): the packed copy is its own."""
+        """`weight` [out, in] may be a view (a transposed Conv1D weight): the packed copy is its own. The
+        bias is copied too, so that nothing points into the loaded weights any more."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight.detach().to(torch.float32).contiguous().to_mkldnn()
-        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous().to_mkldnn()
+        self.bias = None if bias is None else bias.detach().to(torch.float32).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to_mkldnn()
-        out = torch._C._nn.mkldnn_linear(flat, self.weight, self.bias).to_dense()
-        return out.view(*x.shape[:-1], self.out_features)
+        # Plain tensors in and out: oneDNN reads the activations where they are, with no conversion to
+        # and from its own layout around every product.
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
