@@ -226,8 +226,7 @@ class Batch:
     def _append(self, other: "Batch", rows: list) -> None:
         width = max(self.width, other.width)
         self._horizon = max(self._horizon, other._horizon)
-        for layer in self._layers:
-            layer.lay_out(self.rows + other.rows, width, max(width + 1, self._horizon))
+        self._lay_out(self.rows + other.rows, width)
         for layer, theirs in zip(self._layers, other._layers):
             layer.append(theirs)
         self.attention_mask = torch.cat([F.pad(self.attention_mask, (width - self.width, 0)),
@@ -243,6 +242,12 @@ class Batch:
             self.seen = self.output_counts = None
         elif not penalties_before:
             self._build_penalty_state(rows)
+
+    def _lay_out(self, rows_needed: int, width: int) -> None:
+        """Room for `rows_needed` rows and a window of `width` columns, in storage as wide as the rows'
+        horizon (at least one free column after the window)."""
+        for layer in self._layers:
+            layer.lay_out(rows_needed, width, max(width + 1, self._horizon))
 
     def filter(self, keep: list[int], rows: list) -> list:
         """Keep only the rows at positions `keep` of `rows` (the batch's rows); returns the rows in
@@ -300,8 +305,7 @@ class Batch:
     def forward(self, model) -> torch.Tensor:
         """One decoding step for every row; returns the next-token logits [B, V]."""
         if self._layers[0].end == self._layers[0].columns:  # no free column left: lay out anew
-            for layer in self._layers:
-                layer.lay_out(self.rows, self.width, max(self.width + 1, self._horizon))
+            self._lay_out(self.rows, self.width)
         self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)
         positions = self.attention_mask.sum(dim=-1, keepdim=True) - 1
         out = model(
