@@ -511,7 +511,7 @@ def package_index(wheelhouse: Path):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"pypiserver did not answer on {url}", pytrace=False)
                 time.sleep(0.2)
-        yield {"WHEELHOUSE": "", "PIP_INDEX_URL": url, "PIP_TRUSTED_HOST": gateway}
+        yield {"PIP_INDEX_URL": url, "PIP_TRUSTED_HOST": gateway}
     finally:
         server.terminate()
         server.wait(timeout=30)
