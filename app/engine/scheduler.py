@@ -100,12 +100,15 @@ class Scheduler:
                 "retry later"
             ))
 
-    def take(self) -> list:
-        """Waiting requests that join the batch now, first come first served, and count them as running."""
+    def take(self, prompt_tokens: int | None = None) -> list:
+        """Waiting requests that join the batch now, first come first served, and count them as running;
+        with `prompt_tokens`, only as many as hold that many prompt tokens together (at least one)."""
         with self._lock:
             count = self._joinable(self._waiting)
             if count == 0 and self._waiting and self._running_rows == 0:
                 count = 1  # alone, a request may exceed the token budget only if validation let it through
+            if prompt_tokens is not None:
+                count = min(count, _head_within(self._waiting, prompt_tokens))
             taken = [self._waiting.popleft() for _ in range(count)]
             for handle in taken:
                 self._running_longest = max(self._running_longest, handle.request.max_total_tokens)
@@ -140,3 +143,14 @@ class Scheduler:
                 break
             rows, longest, count = new_rows, new_longest, count + 1
         return count
+
+
+def _head_within(waiting, prompt_tokens: int) -> int:
+    """How many requests at the head of `waiting` hold at most `prompt_tokens` prompt tokens together (at
+    least one)."""
+    total = 0
+    for count, handle in enumerate(waiting):
+        total += handle.request.prompt_tokens
+        if total > prompt_tokens:
+            return max(count, 1)
+    return len(waiting)

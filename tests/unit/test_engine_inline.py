@@ -96,38 +96,32 @@ def test_one_bad_request_is_refused_alone(tiny):
     assert text_of(tiny_t) == text_of(greedy)  # an overflowing temperature decodes greedily
 
 
-def test_a_burst_is_prefilled_in_groups_each_answered_before_the_next_runs(tiny):
-    """Requests admitted together: each group of about PREFILL_GROUP_TOKENS prompt tokens gets its first
-    tokens before the next group's prefill, so the first requests of a burst do not wait for the last."""
-    from app.engine.observer import EngineObserver
-
-    class Recorder(EngineObserver):
-        def __init__(self):
-            self.events = []
-
-        def prefilled(self, requests, prompt_tokens, seconds):
-            self.events.append(("prefill", requests, prompt_tokens))
-
-        def first_token(self, seconds_since_submit):
-            self.events.append(("first token",))
-
+def test_a_burst_is_prefilled_a_group_per_turn_between_decoding_steps(tiny):
+    """Requests that arrive together: each turn prefills the next group of about PREFILL_GROUP_TOKENS
+    prompt tokens and then decodes a step for every running row, so the first requests of a burst get
+    their first tokens without waiting for the last, and keep getting tokens while the rest arrive."""
     loaded = tiny["gpt2"]
     tokenizer = loaded.tokenizer
-    recorder = Recorder()
-    engine = inline_engine(loaded, observer=recorder)
+    engine = inline_engine(loaded)
     prompt = "Beautiful is better than ugly. " * 40
     ids = tuple(tokenizer(prompt).input_ids[: PREFILL_GROUP_TOKENS // 3])  # three prompts fill a group
-    for _ in range(8):
-        engine.submit(GenerationRequest(ids, 2, SamplingParams()))
-    with torch.inference_mode():
+    burst = [engine.submit(GenerationRequest(ids, 8, SamplingParams(), ignore_eos=True)) for _ in range(8)]
+    tokens = [[] for _ in burst]
+
+    def turn() -> list[int]:
         engine.run_once()
-    size = len(ids)
-    assert recorder.events[:12] == [
-        ("prefill", 3, 3 * size), *[("first token",)] * 3,
-        ("prefill", 3, 3 * size), *[("first token",)] * 3,
-        ("prefill", 2, 2 * size), *[("first token",)] * 2,
-    ]
+        for got, handle in zip(tokens, burst):
+            while not handle.events.empty():
+                got.extend(handle.events.get().token_ids)
+        return [len(got) for got in tokens]
+
+    with torch.inference_mode():
+        assert turn() == [2, 2, 2, 0, 0, 0, 0, 0]  # a group's first tokens, then a step for it
+        assert engine.queue_size == 5 and engine.batch_size == 3
+        assert turn() == [3, 3, 3, 2, 2, 2, 0, 0]
+        assert turn() == [4, 4, 4, 3, 3, 3, 2, 2]
     run_until_idle(engine)
+    assert all(h.result().completion_tokens == 8 for h in burst)
 
 
 def test_a_long_prompt_is_prefilled_between_decoding_steps(tiny):

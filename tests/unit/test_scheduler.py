@@ -73,6 +73,19 @@ def test_take_is_first_come_first_served_within_the_token_budget():
     assert s.take() == [third]
 
 
+def test_take_with_a_prompt_budget_admits_one_group_and_keeps_the_rest_joinable():
+    s = scheduler(max_queue=0)
+    burst = [handle(prompt=30) for _ in range(4)]
+    for h in burst:
+        s.submit(h)  # 4 free rows: none of them is queued
+    assert s.take(prompt_tokens=64) == burst[:2]
+    assert s.queued == 0  # the others still join at the next steps, so they hold no queue place
+    with pytest.raises(QueueFullError):
+        s.submit(handle())
+    assert s.take(prompt_tokens=10) == burst[2:3]  # a prompt longer than the budget goes alone
+    assert s.take(prompt_tokens=64) == burst[3:]
+
+
 def test_a_request_alone_may_exceed_the_token_budget():
     s = scheduler(max_batch_tokens=16)
     big = handle(prompt=10, new=20)
