@@ -157,14 +157,15 @@ def compare(folder: pathlib.Path, windows_wanted: int, batch_size: int, threads:
     from app.model.loader import load_model
     from app.settings import Settings
 
-    def load(dtype: str = "float32", quantize: str = "none"):
+    def load(dtype: str = "float32", quantize: str = "none", cpu_kernels: str = "packed"):
         return load_model(Settings(_env_file=None, model_id=str(folder), device="cpu", dtype=dtype, quantize=quantize,
-                                   fit_check=False))
+                                   cpu_kernels=cpu_kernels, fit_check=False))
 
     torch.set_num_threads(threads)
     _, held_out = source_files()
     models = {"float32": load(), "int8": load(quantize="int8"), "bfloat16": load(dtype="bfloat16"),
-              "int8 int_mm": quantize(load().model, "int8", kernel="int_mm")}
+              # transformers' own float32 layers, which int8 quantizes (the packed ones hold oneDNN's layout)
+              "int8 int_mm": quantize(load(cpu_kernels="reference").model, "int8", kernel="int_mm")}
     tokenizer = models["float32"].tokenizer
     models = {label: getattr(m, "model", m) for label, m in models.items()}
     ids = token_stream(tokenizer, read(held_out))

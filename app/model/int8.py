@@ -8,7 +8,8 @@ quarter of float32's; the integer kernels (AVX-512 VNNI / AVX2) also do four tim
 instruction, which is what counts once many rows share a step. Position embeddings, layer norms and
 attention stay in float32; the MLP's activation runs as one fused kernel (`fuse_gelu`, app/model/layers.py).
 
-Two kernels compute the same thing (per-channel int8 weights, activations rounded to 8 bits per call):
+Both kernels multiply the same int8 weights (`quantize_rows`: one scale per output channel, absolute
+maximum -> 127), with activations rounded to 8 bits per call:
 
 - `fbgemm`: PyTorch's dynamic quantization (`torch.ao.nn.quantized.dynamic.Linear`, FBGEMM's prepacked
   kernels). The fastest measured here, and used while the installed torch has it; `torch.ao.quantization`
@@ -27,13 +28,15 @@ matrix-product time with float32 activations (a generic loop) and 0.42x with bfl
 
 `lm_head` is quantized too: for GPT-2 small it is the largest matrix of a decoding step (768 x 50257,
 38.6M of the 124M parameters, a third of every step's weight reads), so leaving it in float32 would
-cap the gain. The token embedding (tied to `lm_head` in GPT-2 and GPT-Neo) gets int8 rows, looked up and
-scaled on use (with the `int_mm` kernel, `lm_head`'s own int8 rows), so no float32 copy of the
-vocabulary matrix is left.
+cap the gain. The token embedding (tied to `lm_head` in GPT-2 and GPT-Neo) looks up int8 rows and scales
+them on use: `lm_head`'s own int8 rows where they are tied (FBGEMM packs a copy of them for its product),
+so no float32 copy of the vocabulary matrix is left.
 
-Memory: the layers are converted one at a time from views of the loaded weights (no float32 copies),
-and at the end nothing points into the loaded float32 weights any more, so they are freed (or, for a
-memory-mapped checkpoint, unmapped): GPT-2 small keeps ~170 MB of weights instead of ~500 MB.
+Memory: the layers are converted one at a time from views of the loaded weights, a slice of rows at a
+time, each slice's float32 pages dropped once converted, and at the end nothing points into the loaded
+float32 weights any more, so they are freed (or, for a memory-mapped checkpoint, unmapped): GPT-2
+small keeps ~170 MB of weights instead of ~500 MB, and the load's peak is ~35 MB above that (it was
+~190 MB when lm_head was quantized from its whole float32 matrix, by FBGEMM's own observer).
 """
 
 from __future__ import annotations
@@ -117,28 +120,30 @@ def check_int8_applies(model: torch.nn.Module) -> None:
 
 
 def _fbgemm_linear():
-    """A maker of FBGEMM dynamic int8 layers from (weight [out, in], bias), or None where torch has none."""
+    """A maker of FBGEMM dynamic int8 layers from (int8 rows [out, in], scales [out], bias), or None where
+    torch has none."""
     if "fbgemm" not in getattr(torch.backends.quantized, "supported_engines", []):
         return None
     try:
         with _known_deprecations():
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-            from torch.ao.quantization import per_channel_dynamic_qconfig
     except ImportError:
         return None
 
-    def make(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-        """`weight` may be a view (a transposed Conv1D weight, the embedding): only the int8 copy is made."""
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-        linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
-        if bias is not None:
-            # The packed layer keeps the bias tensor it is given: a copy, so that nothing of the int8
-            # model points into the loaded float32 weights any more (see release_float32_weights).
-            linear.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # Per-channel weight scales: each output row keeps its own range (lm_head's rows differ a lot).
-        linear.qconfig = per_channel_dynamic_qconfig
+    def make(int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+        out_features, in_features = int8.shape
         with _known_deprecations():
-            return DynamicLinear.from_float(linear)
+            # Per-channel weights: each output row keeps its own range (lm_head's rows differ a lot).
+            weight = torch._make_per_channel_quantized_tensor(
+                int8, scales.to(torch.float64), torch.zeros(out_features, dtype=torch.long), 0)
+            # Made 1 x 1, then given its weights: made at full size, it would first pack a matrix of zeros
+            # (for lm_head, 77 MB more at the load's peak).
+            layer = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
+            # FBGEMM packs its own copy of the weights; the bias is copied, so that nothing of the int8
+            # model points into the loaded float32 weights any more (see release_float32_weights).
+            layer.set_weight_bias(weight, None if bias is None else bias.detach().to(torch.float32).clone())
+        layer.in_features, layer.out_features = in_features, out_features
+        return layer
 
     return make
 
@@ -156,20 +161,17 @@ def is_int8_linear(module: torch.nn.Module) -> bool:
 
 
 def _to_int8(model: torch.nn.Module, int8_linear) -> None:
-    """Swap the layers in place, the linear layers first, then lm_head and the token embedding."""
+    """Swap the layers in place, the linear layers first, then lm_head and the token embedding.
+    `int8_linear(int8 rows, scales, bias)` makes a layer of the chosen kernel."""
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
     tied = head.weight is embedding.weight
-    swap_linear_layers(model, int8_linear, skip=head)
-    # lm_head, from its own matrix or (GPT-2, GPT-Neo) the embedding's it is tied to.
-    int8_head = int8_linear(head.weight, head.bias)
-    model.set_output_embeddings(int8_head)
-    if tied and isinstance(int8_head, Int8Linear):  # the same int8 rows serve both
-        model.set_input_embeddings(Int8Embedding(int8_head.weight, int8_head.scales))
-    else:
-        model.set_input_embeddings(Int8Embedding(*quantize_rows(embedding.weight.detach())))
-    drop_pages(head.weight)
-    drop_pages(embedding.weight)
+    swap_linear_layers(model, lambda weight, bias: int8_linear(*quantize_rows(weight.detach()), bias), skip=head)
+    # lm_head, from its own matrix or (GPT-2, GPT-Neo) the embedding's it is tied to; the embedding looks
+    # up the same int8 rows then (with the int_mm kernel, lm_head's own).
+    head_rows = quantize_rows(head.weight.detach())
+    model.set_output_embeddings(int8_linear(*head_rows, head.bias))
+    model.set_input_embeddings(Int8Embedding(*(head_rows if tied else quantize_rows(embedding.weight.detach()))))
     release_float32_weights(model)
     fuse_gelu(model)
 
@@ -178,30 +180,30 @@ def quantize_rows(weight: torch.Tensor, rows_at_once: int = 4096) -> tuple[torch
     """`weight` [rows, columns] as int8 with one float32 scale per row (symmetric, absolute maximum -> 127).
 
     Per-row scales keep each output channel's own range, which matters for lm_head, whose rows (one per
-    token) differ a lot in size. Converted in slices of rows: float32 temporaries of the whole matrix
-    would briefly double its memory.
+    token) differ a lot in size. Converted in slices of rows, each slice's pages dropped once it is
+    converted (`drop_pages`): the float32 matrix is never all in memory beside its int8 copy.
     """
     int8 = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.shape[0], dtype=torch.float32)
     with torch.no_grad():
         for first in range(0, weight.shape[0], rows_at_once):
-            rows = weight[first:first + rows_at_once].to(torch.float32)
+            source = weight[first:first + rows_at_once]
+            rows = source.to(torch.float32)
             scale = rows.abs().amax(dim=1).clamp(min=1e-12) / 127
             scales[first:first + rows_at_once] = scale
             int8[first:first + rows_at_once] = torch.round(rows / scale[:, None]).to(torch.int8)
+            drop_pages(source)
     return int8, scales
 
 
 class Int8Linear(torch.nn.Module):
     """y = x W^T + b with W held as int8 rows and one float32 scale per row (per output channel)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """`weight` [out, in] may be a view (a transposed Conv1D weight, the embedding): only the int8 copy
-        is made, never a float32 one. The bias is copied, so that nothing of the int8 model points into
-        the loaded float32 weights any more (see release_float32_weights)."""
+    def __init__(self, int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        """`int8` [out, in] and `scales` [out]: `quantize_rows`' output. The bias is copied, so that nothing
+        of the int8 model points into the loaded float32 weights any more (see release_float32_weights)."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        int8, scales = quantize_rows(weight.detach())
+        self.out_features, self.in_features = int8.shape
         self.register_buffer("weight", int8)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
