@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from app.allocator import release_free_memory
 from app.engine import profiling
 from app.engine.batch import Batch, ChunkedPrefill
 from app.engine.observer import EngineObserver
@@ -322,7 +323,9 @@ class Engine:
                 return
             with section("bookkeeping"):
                 self._rows = batch.filter(self._deliver(rows, deltas), rows)
-                self._batch = batch if self._rows else None
+                if not self._rows:  # the batch's storage is free now
+                    self._batch = batch = None
+                    release_free_memory()
         self.observer.decoded(len(rows), time.perf_counter() - started)
 
     @property

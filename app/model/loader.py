@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from app.allocator import release_free_memory
 from app.model.device import cuda_index, dtype_name, limit_gpu_memory
 from app.model.errors import ModelLoadError
 from app.model.files import load_config, model_folder, not_found_message
@@ -63,6 +64,7 @@ def load_model(settings: Settings, plan: FitPlan | None = None) -> LoadedModel:
     if settings.cpu_kernels == "packed" and packing_applies(plan.device.type, plan.dtype, plan.quantize,
                                                          model.config.model_type):
         model = pack_linear_layers(model)
+    release_free_memory()  # what loading and converting the weights freed
     device = plan.device
     if plan.device_map:
         # The engine puts its inputs on `model.device` (the first parameter's: the input embeddings).

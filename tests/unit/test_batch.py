@@ -163,3 +163,35 @@ def test_rows_stay_exact_through_many_joins_leaves_and_storage_layouts(arch, tin
     # The storage grew, and the window also went back to its start within the same storage.
     assert len({ptr for ptr, _ in layouts}) >= 2
     assert any(ptr == old_ptr and end < old_end for (old_ptr, old_end), (ptr, end) in zip(layouts, layouts[1:]))
+
+
+@torch.inference_mode()
+def test_the_storage_holds_the_rows_and_their_longest_request_with_little_to_spare(tiny, tokenizer):
+    """The key/value storage is the largest thing the server allocates while it serves: its columns are
+    the longest request (prompt and new tokens) rounded up to 8; it grows by rows rounded up to 4, and
+    a row joining within those takes a free slot without new storage."""
+    model = tiny["gpt2"].model
+    vocab = model.config.vocab_size
+    rows = rows_for(tokenizer, PROMPTS[1], n=3, new=24)
+    batch, logits, _ = Batch.prefill(model, rows, vocab, [None])
+    advance(batch, rows, logits)
+    advance(batch, rows, batch.forward(model))  # the first step lays the storage out
+    longest = len(rows[0].prompt_ids) + 24
+    assert batch.cache.layers[0].key_store.shape[0] == 3
+    assert batch.cache.layers[0].key_store.shape[2] == -(-longest // 8) * 8
+
+    def join(prompt: str) -> tuple[int, int]:
+        nonlocal batch, rows
+        joining = rows_for(tokenizer, prompt, new=10)
+        group, group_logits, _ = Batch.prefill(model, joining, vocab, [None])
+        advance(group, joining, group_logits)
+        rows = rows + joining
+        batch = Batch.concatenate([batch, group], rows)
+        advance(batch, rows, batch.forward(model))
+        store = batch.cache.layers[0].key_store
+        return store.shape[0], store.data_ptr()
+
+    four, _ = join(PROMPTS[0])
+    eight, storage = join(PROMPTS[2])
+    six, same = join(PROMPTS[0])
+    assert (four, eight, six) == (4, 8, 8) and same == storage
