@@ -16,14 +16,13 @@ import logging
 import os
 import sys
 
-from flask import has_request_context, request
 from gunicorn import glogging
 
 from app.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-# Where the request id lives while a request is served (set by app/observability.py).
+# Where the request id lives while a request is served (set by app/request_log.py).
 REQUEST_ID_KEY = "app.request_id"
 
 
@@ -53,8 +52,11 @@ class RequestIdFilter(logging.Filter):
     """Tags every record written while a request is served with that request's id."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id") and has_request_context():
-            record.request_id = request.environ.get(REQUEST_ID_KEY)
+        # Flask is looked up, not imported: the gunicorn master logs too, and it serves no request, so
+        # it need not hold Flask's modules (8 MB) in memory.
+        flask = sys.modules.get("flask")
+        if flask is not None and not hasattr(record, "request_id") and flask.has_request_context():
+            record.request_id = flask.request.environ.get(REQUEST_ID_KEY)
         return True
 
 
