@@ -16,7 +16,10 @@ What it does:
    `/generate_stream` with different 10-word (about 32-token) prompts, 128 new tokens, sampling with top-k 50 and
    temperature 0.6;
 4. prints aggregate generated tokens/s, p50/p90 latency, p50 time to first token and the peak
-   resident memory of all the server's processes, each throughput also as a ratio to the float32 baseline.
+   memory of all the server's processes (the sum of their peak resident sets, which counts the pages
+   the worker shares with the master twice, and the sampled peak of their proportional set sizes,
+   which counts them once, as `docker stats` does), each throughput also as a ratio to the float32
+   baseline.
 The server runs as the images run it, with jemalloc as its allocator where libjemalloc2 is installed
 (`LD_PRELOAD= python scripts/bench.py` keeps glibc's).
 
@@ -140,6 +143,7 @@ class Row:
     p90_latency: float
     p50_ttft: float
     peak_rss_mb: float
+    peak_pss_mb: float
 
 
 class RunningServer:
@@ -154,6 +158,8 @@ class RunningServer:
         self.log = open(model_dir.parent / f"server-{port}.log", "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "app"], env=env, cwd=model_dir.parent,
                                         stdout=self.log, stderr=subprocess.STDOUT)
+        self.peak_pss_mb = 0.0
+        threading.Thread(target=self._sample_pss, daemon=True).start()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -178,6 +184,22 @@ class RunningServer:
                 if line.startswith("VmHWM:"):
                     peak += int(line.split()[1])
         return peak / 1024
+
+    def _sample_pss(self) -> None:
+        """Keep the peak of the server's processes' proportional set sizes together, sampled every
+        0.2 s from the start: pages the worker still shares with the master (it is forked from it)
+        count once, as the container's memory (`docker stats`) counts them, where the sum of resident
+        sets counts them twice. Short spikes between samples are missed; VmHWM catches those."""
+        import psutil
+
+        while self.process.poll() is None:
+            try:
+                server = psutil.Process(self.process.pid)
+                total = sum(p.memory_full_info().pss for p in [server, *server.children(recursive=True)])
+                self.peak_pss_mb = max(self.peak_pss_mb, total / 2**20)
+            except psutil.Error:  # a process came or went while it was read
+                pass
+            time.sleep(0.2)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -253,6 +275,7 @@ def measure_server(server: RunningServer, label: str, concurrency: int, requests
         p90_latency=percentile(latencies, 0.9),
         p50_ttft=statistics.median(r.ttft for r in results),
         peak_rss_mb=server.peak_rss_mb(),
+        peak_pss_mb=server.peak_pss_mb,
     )
 
 
@@ -311,12 +334,12 @@ def print_table(rows: list[Row], baseline: dict[int, float]) -> None:
     print()
     print(f"baseline: model.generate float32, batch 1 = {b1:.1f} tokens/s, batch 16 = {b16:.1f} tokens/s")
     print("| server | concurrency | tokens/s | vs generate@1 | vs generate@16 | p50 latency s | p90 latency s "
-          "| p50 TTFT s | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| p50 TTFT s | peak RSS MB | peak PSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r.label} | {r.concurrency} | {r.tokens_per_s:.1f} | {r.tokens_per_s / b1:.2f} | "
               f"{r.tokens_per_s / b16:.2f} | {r.p50_latency:.2f} | {r.p90_latency:.2f} | {r.p50_ttft:.3f} | "
-              f"{r.peak_rss_mb:.0f} |")
+              f"{r.peak_rss_mb:.0f} | {r.peak_pss_mb:.0f} |")
 
 
 # ---- the profile -------------------------------------------------------------------------------
