@@ -15,8 +15,8 @@ new tokens through `app.engine.Engine`, measuring:
 A combination the fit check refuses (e.g. GPT-J-6B in float32 in 24 GB of RAM) is shown with its
 reason instead of figures. The generated weights are deleted after each model unless --keep.
 
-    python scripts/bench_models.py                          # all five, CPU: float32 and bfloat16
-    python scripts/bench_models.py --models gpt2 gpt-j-6B --dtypes bfloat16
+    python scripts/bench_models.py                          # all five, CPU: float32, bfloat16 and int8
+    python scripts/bench_models.py --models gpt2 gpt-j-6B --dtypes bfloat16 int8
     python scripts/bench_models.py --device cuda            # float16 and bfloat16, a GTX 1070's 8 GB
 
 On a GPU the process may use at most --gpu-memory (default 7.5GiB: what an 8 GB GTX 1070 leaves for
@@ -167,9 +167,10 @@ def measure(folder: str, dtype: str, device: str, gpu_memory: str, new_tokens: i
     logging.basicConfig(level=logging.INFO, format="    %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(default_threads())
     on_gpu = device.startswith("cuda")
-    settings = Settings(
-        model_id=folder, dtype=dtype, device=device, memory_limit=gpu_memory if on_gpu else 0,
-        offload="auto" if on_gpu else "none", _env_file=None,
+    settings = Settings(  # "int8": QUANTIZE=int8, which computes in float32
+        model_id=folder, dtype="float32" if dtype == "int8" else dtype, quantize="int8" if dtype == "int8" else "none",
+        device=device, memory_limit=gpu_memory if on_gpu else 0, offload="auto" if on_gpu else "none",
+        _env_file=None,
     )
     figures = {"rss_before_load": _rss("VmRSS")}
     _reset_peak_rss()
@@ -279,7 +280,8 @@ def run_child(args, folder: pathlib.Path, dtype: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16", "int8"],
+                        help="int8: QUANTIZE=int8 (CPU only)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--gpu-memory", default="7.5GiB", help="MEMORY_LIMIT on a GPU (default: a GTX 1070's)")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)  # the engine thread is still parked on the model; nothing else needs a clean exit
 
     on_gpu = args.device.startswith("cuda")
-    dtypes = args.dtypes or (["float16", "bfloat16"] if on_gpu else ["float32", "bfloat16"])
+    dtypes = args.dtypes or (["float16", "bfloat16"] if on_gpu else ["float32", "bfloat16", "int8"])
     print(f"hardware: {hardware(args.device, args.gpu_memory)}", flush=True)
     rows = []
     for name in args.models:

@@ -148,6 +148,19 @@ def test_gptj_in_bfloat16_plans_to_fit_16_gb_of_ram():
     assert plan.dtype == torch.bfloat16 and plan.max_batch_tokens >= shape.context_length
 
 
+def test_gptj_with_int8_weights_plans_to_fit_12_gb_of_ram():
+    """int8 keeps a byte per weight (a float16 checkpoint is quantized from its own weights, never widened
+    to float32 whole), so QUANTIZE=auto serves GPT-J-6B in int8 where float32 does not fit."""
+    shape = model_shape(bench_models.make_config("gpt-j-6B", 0))
+    need = memory_need(shape, torch.float32, 32, quantize="int8")
+    assert 5.5 * 1024**3 < need.weights < 6 * 1024**3
+    for quantize in ("int8", "auto"):
+        plan = plan_for(settings(dtype="auto", quantize=quantize), shape, torch.device("cpu"), torch.float32,
+                        MemoryBudget(10 * 1024**3, "of RAM is available", False))
+        assert (plan.dtype, plan.quantize) == (torch.float32, "int8")
+        assert plan.max_batch_tokens >= shape.context_length and "with int8 weights" in plan.describe()
+
+
 def gpt_j_on_a_gpu(memory: float, **values):
     config = bench_models.make_config("gpt-j-6B", 0)
     shape = model_shape(config)

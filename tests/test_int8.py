@@ -104,8 +104,32 @@ def test_none_leaves_the_model_alone(tiny_models):
     assert any(isinstance(m, Conv1D) for m in loaded.model.modules())
 
 
-def test_a_model_on_another_dtype_is_refused(tiny_models):
-    loaded = load_model(settings(tiny_models.folders["gpt2"], device="cpu", dtype="bfloat16"))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_float16_checkpoint_is_quantized_from_its_own_weights(arch, tiny_models, tmp_path):
+    """int8 loads a float16 checkpoint as stored (no float32 copy of it) and makes its int8 rows from
+    those weights: the same model as int8 made from the same weights stored in float32, which computes
+    in float32 too."""
+    from transformers import AutoModelForCausalLM
+
+    half, full = tmp_path / "float16", tmp_path / "float32"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.folders[arch], dtype=torch.float16)
+    model.save_pretrained(half)
+    model.to(torch.float32).save_pretrained(full)  # exactly the float16 values, widened
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_models.folders[arch] / name).exists():
+            for folder in (half, full):
+                shutil.copy(tiny_models.folders[arch] / name, folder / name)
+    from_half = load_model(settings(half, device="cpu", quantize="int8"))
+    from_full = load_model(settings(full, device="cpu", quantize="int8"))
+    assert from_half.dtype == torch.float32
+    assert {t.dtype for t in [*from_half.model.parameters(), *from_half.model.buffers()] if t.is_floating_point()} \
+        == {torch.float32}
+    torch.testing.assert_close(logits_of(from_half.model), logits_of(from_full.model), rtol=0, atol=0)
+
+
+def test_a_model_of_mixed_dtypes_is_refused(tiny_models):
+    loaded = load_model(settings(tiny_models.folders["gpt2"], device="cpu"))
+    loaded.model.lm_head.to(torch.float16)
     with pytest.raises(QuantizationError, match="DTYPE=float32"):
         quantize(loaded.model, "int8")
 

@@ -59,6 +59,7 @@ class ModelShape:
     inner_size: int
     vocab_size: int
     context_length: int
+    int8_weight_bytes: int = 0  # the weights as QUANTIZE=int8 holds them (app/model/int8.py)
 
 
 def context_length_of(config) -> int:
@@ -96,7 +97,23 @@ def model_shape(config) -> ModelShape:
         inner_size=inner,
         vocab_size=text.vocab_size,
         context_length=context_length_of(config),
+        int8_weight_bytes=_int8_weight_bytes(model),
     )
+
+
+def _int8_weight_bytes(model) -> int:
+    """What QUANTIZE=int8 keeps: a byte per weight of the linear layers, lm_head and the token embedding,
+    with a float32 scale per row; FBGEMM's packed copy of lm_head's rows where the embedding shares them;
+    everything else (layer norms, biases, position embeddings) in float32."""
+    from transformers.pytorch_utils import Conv1D
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    int8 = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    int8.add(id(embedding.weight))
+    total = sum(p.numel() + 4 * max(p.shape) if id(p) in int8 else 4 * p.numel() for p in model.parameters())
+    if head is not None and head.weight is embedding.weight:
+        total += head.weight.numel()
+    return total
 
 
 @dataclass(frozen=True)
@@ -120,8 +137,9 @@ class MemoryNeed:
         return max(0, room // self.per_token)
 
 
-def memory_need(shape: ModelShape, dtype: torch.dtype, max_batch_size: int) -> MemoryNeed:
-    """Estimate, on the safe side, what serving needs besides the interpreter and the libraries.
+def memory_need(shape: ModelShape, dtype: torch.dtype, max_batch_size: int, quantize: str = "none") -> MemoryNeed:
+    """Estimate, on the safe side, what serving needs besides the interpreter and the libraries
+    (`quantize`: QUANTIZE as it applies, never `auto`).
 
     The key/value cache holds layers x 2 x kv_size values per token of batch space. A prefill of as
     many prompt tokens as the batch may hold also needs, per token, the attention scores against a
@@ -134,7 +152,7 @@ def memory_need(shape: ModelShape, dtype: torch.dtype, max_batch_size: int) -> M
     activations = (6 * shape.hidden_size + 2 * shape.inner_size) * size
     logits = shape.vocab_size * 4
     return MemoryNeed(
-        weights=shape.parameters * size + shape.buffer_bytes,
+        weights=(shape.int8_weight_bytes if quantize == "int8" else shape.parameters * size) + shape.buffer_bytes,
         cache_per_token=shape.layers * 2 * shape.kv_size * size,
         work_per_token=scores + activations + logits,
         # Each decoding step keeps a few float32 copies of every row's logits for sampling.
@@ -209,7 +227,8 @@ class FitPlan:
 
     def describe(self) -> str:
         text = (
-            f"{self.model_id} on {self.device} as {dtype_name(self.dtype)} needs about {gib(self.needed)} "
+            f"{self.model_id} on {self.device} as {dtype_name(self.dtype)}"
+            f"{' with int8 weights' if self.quantize == 'int8' else ''} needs about {gib(self.needed)} "
             f"at MAX_BATCH_SIZE={self.max_batch_size}, MAX_BATCH_TOKENS={self.max_batch_tokens}; "
             f"{self.budget.describe()}"
         )
@@ -228,20 +247,21 @@ def plan_fit(settings: Settings, config=None) -> FitPlan:
     dtype = resolve_dtype(settings.dtype, device)
     shape = model_shape(config)
     budget = memory_budget(device, settings)
-    plan = plan_for(settings, shape, device, dtype, budget, config)
-    return replace(plan, quantize=resolve_quantize(settings.quantize, device.type, plan.dtype, shape.model_type))
+    return plan_for(settings, shape, device, dtype, budget, config)
 
 
 def plan_for(settings: Settings, shape: ModelShape, device: torch.device, dtype: torch.dtype,
              budget: MemoryBudget, config=None) -> FitPlan:
     """`plan_fit` once the facts are known (kept apart so any budget can be tried without the hardware)."""
     plan = _fit(settings, shape, device, dtype, budget)
-    if plan is None and settings.dtype == "auto" and device.type == "cpu":
+    # int8 computes in float32 whatever the checkpoint: no bfloat16 to fall back to with QUANTIZE=int8.
+    if plan is None and settings.dtype == "auto" and device.type == "cpu" and settings.quantize != "int8":
         plan = _fit(settings, shape, device, torch.bfloat16, budget)
         if plan is not None:
             log.warning(
                 "DTYPE=auto: %s in float32 would need about %s but %s; loading it as bfloat16 (half the memory)",
-                settings.model_id, gib(memory_need(shape, torch.float32, 1).total(_floor_tokens(settings, shape))),
+                settings.model_id,
+                gib(_need(settings, shape, device, torch.float32, 1).total(_floor_tokens(settings, shape))),
                 budget.describe(),
             )
     if plan is None and settings.offload == "auto" and device.type == "cuda":
@@ -251,16 +271,17 @@ def plan_for(settings: Settings, shape: ModelShape, device: torch.device, dtype:
         if settings.fit_check:
             raise ModelLoadError(message)
         log.warning("%s; starting anyway because FIT_CHECK=false", message)
-        need = memory_need(shape, dtype, settings.max_batch_size)
+        need = _need(settings, shape, device, dtype)
         return FitPlan(settings.model_id, device, dtype, attention_implementation(shape.model_type, dtype),
                        settings.max_batch_size, settings.max_batch_tokens,
-                       need.total(_wanted_tokens(settings, shape)), budget)
+                       need.total(_wanted_tokens(settings, shape)), budget,
+                       quantize=_quantize(settings, shape, device, dtype))
     if plan.lowered:
         if not settings.fit_check:
             log.warning(
                 "the batch limits need about %s but %s; keeping MAX_BATCH_SIZE=%d, MAX_BATCH_TOKENS=%d because "
                 "FIT_CHECK=false (a full batch may run out of memory)",
-                gib(memory_need(shape, plan.dtype, settings.max_batch_size).total(_wanted_tokens(settings, shape))),
+                gib(_need(settings, shape, device, plan.dtype).total(_wanted_tokens(settings, shape))),
                 budget.describe(), settings.max_batch_size, settings.max_batch_tokens,
             )
             return replace(plan, max_batch_size=settings.max_batch_size,
@@ -272,11 +293,22 @@ def plan_for(settings: Settings, shape: ModelShape, device: torch.device, dtype:
             "lowered the batch limits to fit in memory: %s (the configured limits would need about %s but %s); "
             "a smaller DTYPE or model, or more memory, leaves room for more",
             ", ".join(changes),
-            gib(memory_need(shape, plan.dtype, settings.max_batch_size).total(_wanted_tokens(settings, shape))),
+            gib(_need(settings, shape, device, plan.dtype).total(_wanted_tokens(settings, shape))),
             budget.describe(),
         )
     log.info("fit check: %s", plan.describe())
     return plan
+
+
+def _quantize(settings: Settings, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> str:
+    return resolve_quantize(settings.quantize, device.type, dtype, shape.model_type)
+
+
+def _need(settings: Settings, shape: ModelShape, device: torch.device, dtype: torch.dtype,
+          max_batch_size: int | None = None) -> MemoryNeed:
+    """`memory_need` for these settings: their batch size, and QUANTIZE as it applies to `dtype`."""
+    return memory_need(shape, dtype, max_batch_size or settings.max_batch_size,
+                       _quantize(settings, shape, device, dtype))
 
 
 def _wanted_tokens(settings: Settings, shape: ModelShape) -> int:
@@ -298,14 +330,15 @@ def _limits(settings: Settings, tokens: int, wanted: int) -> tuple[int, int, boo
 def _fit(settings, shape, device, dtype, budget) -> FitPlan | None:
     """The plan with everything on `device`, batch limits lowered as far as needed; None if even one
     full-length sequence does not fit."""
-    need = memory_need(shape, dtype, settings.max_batch_size)
+    need = _need(settings, shape, device, dtype)
     wanted = _wanted_tokens(settings, shape)
     tokens = min(wanted, need.tokens_within(budget.bytes))
     if tokens < _floor_tokens(settings, shape):
         return None
     size, batch_tokens, lowered = _limits(settings, tokens, wanted)
     return FitPlan(settings.model_id, device, dtype, attention_implementation(shape.model_type, dtype), size,
-                   batch_tokens, need.total(min(batch_tokens, wanted)), budget, lowered)
+                   batch_tokens, need.total(min(batch_tokens, wanted)), budget, lowered,
+                   quantize=_quantize(settings, shape, device, dtype))
 
 
 def _offload(settings, shape, device, dtype, budget, config) -> FitPlan | None:
@@ -313,7 +346,7 @@ def _offload(settings, shape, device, dtype, budget, config) -> FitPlan | None:
     and the layers that do not fit stay in CPU RAM (accelerate moves each to the GPU when it runs)."""
     from transformers.integrations.accelerate import infer_auto_device_map
 
-    need = memory_need(shape, dtype, settings.max_batch_size)
+    need = _need(settings, shape, device, dtype)
     wanted = _wanted_tokens(settings, shape)
     floor = _floor_tokens(settings, shape)
     tokens = max(floor, min(wanted, int(budget.bytes * OFFLOAD_CACHE_SHARE) // need.per_token))
@@ -334,7 +367,8 @@ def _offload(settings, shape, device, dtype, budget, config) -> FitPlan | None:
     size, batch_tokens, lowered = _limits(settings, tokens, wanted)
     return FitPlan(settings.model_id, device, dtype, attention_implementation(shape.model_type, dtype), size,
                    batch_tokens, need.total(min(batch_tokens, wanted)) - offloaded, budget, lowered,
-                   device_map=dict(device_map), offloaded_bytes=offloaded)
+                   device_map=dict(device_map), offloaded_bytes=offloaded,
+                   quantize=_quantize(settings, shape, device, dtype))
 
 
 def _module_name(model, module) -> str:
@@ -352,7 +386,7 @@ def placement(device_map: dict, name: str):
 
 def _refusal(settings, shape, device, dtype, budget) -> str:
     floor = _floor_tokens(settings, shape)
-    need = memory_need(shape, dtype, settings.max_batch_size)
+    need = _need(settings, shape, device, dtype)
     cache, work = floor * need.cache_per_token, floor * need.work_per_token + need.fixed
     where = "the CPU" if device.type == "cpu" else str(device)
     message = (
@@ -363,7 +397,7 @@ def _refusal(settings, shape, device, dtype, budget) -> str:
     fixes = []
     if dtype == torch.float32:
         half = torch.bfloat16 if device.type == "cpu" or gpu_supports_bfloat16(device) else torch.float16
-        fixes.append(f"DTYPE={dtype_name(half)} (needs about {gib(memory_need(shape, half, 1).total(floor))})")
+        fixes.append(f"DTYPE={dtype_name(half)} (needs about {gib(_need(settings, shape, device, half, 1).total(floor))})")
     if device.type == "cuda" and settings.offload == "none":
         fixes.append("OFFLOAD=auto (weights that do not fit on the GPU stay in CPU RAM; slower)")
     fixes.append("a smaller model (MODEL_ID)")

@@ -53,7 +53,7 @@ from app.model.layers import (
     CONVERTIBLE_MODEL_TYPES,
     drop_pages,
     fuse_gelu,
-    release_float32_weights,
+    release_loaded_weights,
     swap_linear_layers,
 )
 
@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 def quantize(model: torch.nn.Module, mode: str, kernel: str = "auto") -> torch.nn.Module:
     """The model as QUANTIZE asks, once resolved for it (`FitPlan.quantize`: never `auto`): unchanged
-    for `none`, with int8 linear layers for `int8`.
+    for `none`, with int8 linear layers for `int8`, computing in float32 (the loader may hand it a
+    float16 or bfloat16 checkpoint's own weights: the int8 rows are made from those).
 
     `kernel`: "fbgemm", "int_mm", or "auto" (FBGEMM where this torch has it, else `torch._int_mm`).
     """
@@ -106,11 +107,11 @@ def check_int8_applies(model: torch.nn.Module) -> None:
             "Use DEVICE=cpu with it, or QUANTIZE=none on a GPU (float16/bfloat16 is the fast path there)."
         )
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if dtypes != {torch.float32}:
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise QuantizationError(
-            f"QUANTIZE=int8 quantizes float32 weights and computes in float32; the model was loaded as {names}. "
-            "Use DTYPE=float32 (or auto) with it."
+            f"QUANTIZE=int8 quantizes float32 weights (or a float16 or bfloat16 checkpoint's own) and computes in "
+            f"float32; the model was loaded as {names}. Use DTYPE=float32 (or auto) with it."
         )
     if _fbgemm_linear() is None and not hasattr(torch, "_int_mm"):
         raise QuantizationError(
@@ -140,7 +141,7 @@ def _fbgemm_linear():
             # (for lm_head, 77 MB more at the load's peak).
             layer = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
             # FBGEMM packs its own copy of the weights; the bias is copied, so that nothing of the int8
-            # model points into the loaded float32 weights any more (see release_float32_weights).
+            # model points into the loaded float32 weights any more (see release_loaded_weights).
             layer.set_weight_bias(weight, None if bias is None else bias.detach().to(torch.float32).clone())
         layer.in_features, layer.out_features = in_features, out_features
         return layer
@@ -172,7 +173,7 @@ def _to_int8(model: torch.nn.Module, int8_linear) -> None:
     head_rows = quantize_rows(head.weight.detach())
     model.set_output_embeddings(int8_linear(*head_rows, head.bias))
     model.set_input_embeddings(Int8Embedding(*(head_rows if tied else quantize_rows(embedding.weight.detach()))))
-    release_float32_weights(model)
+    release_loaded_weights(model)
     fuse_gelu(model)
 
 
@@ -201,7 +202,7 @@ class Int8Linear(torch.nn.Module):
 
     def __init__(self, int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         """`int8` [out, in] and `scales` [out]: `quantize_rows`' output. The bias is copied, so that nothing
-        of the int8 model points into the loaded float32 weights any more (see release_float32_weights)."""
+        of the int8 model points into the loaded float32 weights any more (see release_loaded_weights)."""
         super().__init__()
         self.out_features, self.in_features = int8.shape
         self.register_buffer("weight", int8)

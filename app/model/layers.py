@@ -50,19 +50,26 @@ def fuse_gelu(model: torch.nn.Module) -> None:
                 setattr(parent, name, GELUTanh())
 
 
-def release_float32_weights(model: torch.nn.Module, keep: torch.Tensor | None = None) -> None:
-    """Give the float32 parameters left (layer norms, position embeddings) memory of their own.
+def release_loaded_weights(model: torch.nn.Module, keep: torch.Tensor | None = None) -> None:
+    """Give the parameters left (layer norms, position embeddings) float32 memory of their own, and make
+    the floating buffers (rotary tables) float32 too.
 
-    The loader serves float32 checkpoints from the memory-mapped file itself; the mapping stays as long
-    as one tensor points into it, and every page the conversion read stays in the process's resident
-    memory with it. Copying the few small tensors left lets the whole mapping go. `keep` stays where it
-    is (packed float32's token embedding, which reads only the rows it looks up from the mapping).
+    The loader serves checkpoints stored as served from the memory-mapped file itself; the mapping
+    stays as long as one tensor points into it, and every page the conversion read stays in the
+    process's resident memory with it. Copying the few small tensors left lets the whole mapping go.
+    In float32, because the converted layers compute in float32 whatever the checkpoint stored (int8
+    quantizes a float16 checkpoint's own weights). `keep` stays where it is (packed float32's token
+    embedding, which reads only the rows it looks up from the mapping).
     """
     with torch.no_grad():
         for module in model.modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 if param is not keep:
-                    module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+                    copy = param.detach().to(torch.float32, copy=True)
+                    module._parameters[name] = torch.nn.Parameter(copy, requires_grad=False)
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                    module._buffers[name] = buffer.to(torch.float32)
 
 
 def drop_pages(tensor: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from app.model.layers import CONVERTIBLE_MODEL_TYPES, drop_pages, fuse_gelu, release_float32_weights, swap_linear_layers
+from app.model.layers import CONVERTIBLE_MODEL_TYPES, drop_pages, fuse_gelu, release_loaded_weights, swap_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def pack_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
         model.set_output_embeddings(PackedLinear(head.weight, head.bias))
     drop_pages(head.weight)
     swap_linear_layers(model, PackedLinear)
-    release_float32_weights(model, keep=embedding.weight)  # its rows are read where they are
+    release_loaded_weights(model, keep=embedding.weight)  # its rows are read where they are
     fuse_gelu(model)
     log.info("float32 linear layers packed for oneDNN in %.2f s", time.perf_counter() - started)
     return model

@@ -118,6 +118,17 @@ def _close_maps(tensors: dict[str, StoredTensor]) -> None:
             pass
 
 
+def stored_float_dtype(folder: str) -> torch.dtype | None:
+    """The floating dtype of every tensor of the checkpoint's safetensors files (only their headers are
+    read); None when they store several, or there are none."""
+    tensors: dict[str, StoredTensor] = {}
+    for path in safetensors_files(folder):
+        tensors.update(map_safetensors(path))
+    dtypes = {t.dtype for t in tensors.values() if t.dtype.is_floating_point}
+    _close_maps(tensors)
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def load_weights(folder: str, config, plan: FitPlan):
     """The model on `plan.device` (or across GPU and CPU per `plan.device_map`) in `plan.dtype`."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
