@@ -66,6 +66,8 @@ def test_refuses_to_start_when_the_model_does_not_fit(start_server):
     assert needed > there == 32 * MiB
     assert "is allowed by MEMORY_LIMIT=32.0MiB" in line
     assert "DTYPE=bfloat16 (needs about" in line
+    int8 = re.search(r"QUANTIZE=int8 \(needs about (\d+\.\d) (GiB|MiB), and runs faster\)", line)
+    assert int8 and sizes_in(int8.group(0))[0] < needed  # the tiny GPT-2 in int8 needs less
     assert "a smaller model (MODEL_ID)" in line and "a higher MEMORY_LIMIT" in line
     assert "FIT_CHECK=false starts anyway" in line
 

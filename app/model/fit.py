@@ -21,6 +21,7 @@ from app.model.device import (
 from app.model.errors import ModelLoadError, device_setting, offload_on_cpu_message
 from app.model.files import load_config
 from app.model.int8 import resolve_quantize
+from app.model.layers import CONVERTIBLE_MODEL_TYPES
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -395,6 +396,11 @@ def _refusal(settings, shape, device, dtype, budget) -> str:
         f"{gib(cache)}, working space {gib(work)}) but {budget.describe()}."
     )
     fixes = []
+    int8 = settings.model_copy(update={"quantize": "int8"})
+    if device.type == "cpu" and dtype == torch.float32 and _quantize(settings, shape, device, dtype) == "none" \
+            and shape.model_type in CONVERTIBLE_MODEL_TYPES:
+        fixes.append(f"QUANTIZE=int8 (needs about {gib(_need(int8, shape, device, dtype, 1).total(floor))}, and runs "
+                     "faster)")
     if dtype == torch.float32:
         half = torch.bfloat16 if device.type == "cpu" or gpu_supports_bfloat16(device) else torch.float16
         fixes.append(f"DTYPE={dtype_name(half)} (needs about {gib(_need(settings, shape, device, half, 1).total(floor))})")

@@ -77,7 +77,7 @@ def quantize(model: torch.nn.Module, mode: str, kernel: str = "auto") -> torch.n
     before = _weight_bytes(model)
     _to_int8(model, fbgemm or Int8Linear)
     log.info(
-        "QUANTIZE=int8: linear layers and lm_head hold int8 weights (%.0f MB of weights, %.0f MB in float32; "
+        "QUANTIZE=int8: linear layers and lm_head hold int8 weights (%.0f MB of weights, %.0f MB as loaded; "
         "kernel %s) in %.2f s", _weight_bytes(model) / 1e6, before / 1e6, "fbgemm" if fbgemm else "int_mm",
         time.perf_counter() - started,
     )
