@@ -16,10 +16,12 @@ What it does:
    `/generate_stream` with different 10-word (about 32-token) prompts, 128 new tokens, sampling with top-k 50 and
    temperature 0.6;
 4. prints aggregate generated tokens/s, p50/p90 latency, p50 time to first token and the peak
-   memory of all the server's processes (the sum of their peak resident sets, which counts the pages
-   the worker shares with the master twice, and the sampled peak of their proportional set sizes,
-   which counts them once, as `docker stats` does), each throughput also as a ratio to the float32
-   baseline.
+   memory of all the server's processes, each throughput also as a ratio to the float32 baseline.
+   Memory three ways: the sum of their peak resident sets, which counts the pages the worker shares
+   with the master (it is forked from it) twice; the sampled peak of their proportional set sizes,
+   which counts them once but may miss a short peak; and, where it may make one (root), the peak of a
+   memory cgroup of the server's own, as a container's memory (`docker stats`) is counted, except that
+   the pages of files this machine had read before (the libraries) are not charged to it.
 The server runs as the images run it, with jemalloc as its allocator where libjemalloc2 is installed
 (`LD_PRELOAD= python scripts/bench.py` keeps glibc's).
 
@@ -144,6 +146,7 @@ class Row:
     p50_ttft: float
     peak_rss_mb: float
     peak_pss_mb: float
+    peak_cgroup_mb: float | None
 
 
 class RunningServer:
@@ -158,6 +161,7 @@ class RunningServer:
         self.log = open(model_dir.parent / f"server-{port}.log", "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "app"], env=env, cwd=model_dir.parent,
                                         stdout=self.log, stderr=subprocess.STDOUT)
+        self.cgroup = _own_memory_cgroup(self.process.pid, port)
         self.peak_pss_mb = 0.0
         threading.Thread(target=self._sample_pss, daemon=True).start()
         deadline = time.monotonic() + 300
@@ -201,16 +205,44 @@ class RunningServer:
                 pass
             time.sleep(0.2)
 
+    def peak_cgroup_mb(self) -> float | None:
+        """Peak memory charged to the server's own cgroup (as a container's: what `docker stats` counts),
+        where this machine gave it one."""
+        if self.cgroup is None:
+            return None
+        name = "memory.max_usage_in_bytes" if (self.cgroup / "memory.max_usage_in_bytes").exists() else "memory.peak"
+        return int((self.cgroup / name).read_text()) / 2**20
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(60)
         self.log.close()
+        if self.cgroup is not None:
+            self.cgroup.rmdir()
 
     def __enter__(self) -> "RunningServer":
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _own_memory_cgroup(pid: int, port: int) -> pathlib.Path | None:
+    """Move the just-started server (its master: the worker it forks follows) into a memory cgroup of
+    its own, cgroup v1's or v2's, where this process may make one (root, as CI runs); None elsewhere."""
+    for parent in (pathlib.Path("/sys/fs/cgroup/memory"), pathlib.Path("/sys/fs/cgroup")):
+        if not (parent / "cgroup.procs").exists():
+            continue
+        if parent.name != "memory" and "memory" not in (parent / "cgroup.subtree_control").read_text(errors="ignore"):
+            continue
+        group = parent / f"bench-server-{port}"
+        try:
+            group.mkdir(exist_ok=True)
+            (group / "cgroup.procs").write_text(str(pid))
+            return group
+        except OSError:
+            return None
+    return None
 
 
 def percentile(ordered: list[float], share: float) -> float:
@@ -276,6 +308,7 @@ def measure_server(server: RunningServer, label: str, concurrency: int, requests
         p50_ttft=statistics.median(r.ttft for r in results),
         peak_rss_mb=server.peak_rss_mb(),
         peak_pss_mb=server.peak_pss_mb,
+        peak_cgroup_mb=server.peak_cgroup_mb(),
     )
 
 
@@ -334,12 +367,13 @@ def print_table(rows: list[Row], baseline: dict[int, float]) -> None:
     print()
     print(f"baseline: model.generate float32, batch 1 = {b1:.1f} tokens/s, batch 16 = {b16:.1f} tokens/s")
     print("| server | concurrency | tokens/s | vs generate@1 | vs generate@16 | p50 latency s | p90 latency s "
-          "| p50 TTFT s | peak RSS MB | peak PSS MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| p50 TTFT s | peak RSS MB | peak PSS MB | peak cgroup MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r.label} | {r.concurrency} | {r.tokens_per_s:.1f} | {r.tokens_per_s / b1:.2f} | "
               f"{r.tokens_per_s / b16:.2f} | {r.p50_latency:.2f} | {r.p90_latency:.2f} | {r.p50_ttft:.3f} | "
-              f"{r.peak_rss_mb:.0f} | {r.peak_pss_mb:.0f} |")
+              f"{r.peak_rss_mb:.0f} | {r.peak_pss_mb:.0f} | "
+              f"{'-' if r.peak_cgroup_mb is None else f'{r.peak_cgroup_mb:.0f}'} |")
 
 
 # ---- the profile -------------------------------------------------------------------------------

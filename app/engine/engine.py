@@ -49,9 +49,9 @@ PREFILL_CHUNK_TOKENS = 64
 # one request), prefilled at once, and then decodes a step. In a burst, the first requests wait for one
 # group, not for the whole burst; the running streams keep their pace; and since the groups start
 # decoding a step apart, they finish apart, so the requests that follow them arrive spread out, not
-# as one more burst. GPT-2 small on 2 cores, 16 streams of 32-token prompts, 2 requests each, median
-# time to first token: a whole burst prefilled at once 0.64 s in float32, in groups of 128 tokens one
-# after another 0.56 s, a group of 64 per turn 0.23 s (int8: 0.26, 0.34 and 0.11 s).
+# as one more burst. GPT-2 small on 2 cores, 16 streams of 32-token prompts, 2 requests each (scripts/
+# bench.py), median time to first token, three runs each way: groups of 128 tokens one after another
+# 0.56-0.59 s in float32, 0.19-0.26 s in int8; a group of 64 per turn 0.39-0.44 s and 0.11-0.16 s.
 PREFILL_GROUP_TOKENS = 64
 
 

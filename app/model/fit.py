@@ -396,14 +396,15 @@ def _refusal(settings, shape, device, dtype, budget) -> str:
         f"{gib(cache)}, working space {gib(work)}) but {budget.describe()}."
     )
     fixes = []
-    int8 = settings.model_copy(update={"quantize": "int8"})
     if device.type == "cpu" and dtype == torch.float32 and _quantize(settings, shape, device, dtype) == "none" \
             and shape.model_type in CONVERTIBLE_MODEL_TYPES:
-        fixes.append(f"QUANTIZE=int8 (needs about {gib(_need(int8, shape, device, dtype, 1).total(floor))}, and runs "
-                     "faster)")
+        int8 = settings.model_copy(update={"quantize": "int8"})
+        fixes.append(f"QUANTIZE=int8 (needs about {gib(_need(int8, shape, device, dtype, 1).total(floor))}, "
+                     "and runs faster)")
     if dtype == torch.float32:
         half = torch.bfloat16 if device.type == "cpu" or gpu_supports_bfloat16(device) else torch.float16
-        fixes.append(f"DTYPE={dtype_name(half)} (needs about {gib(_need(settings, shape, device, half, 1).total(floor))})")
+        half_need = _need(settings, shape, device, half, 1).total(floor)
+        fixes.append(f"DTYPE={dtype_name(half)} (needs about {gib(half_need)})")
     if device.type == "cuda" and settings.offload == "none":
         fixes.append("OFFLOAD=auto (weights that do not fit on the GPU stay in CPU RAM; slower)")
     fixes.append("a smaller model (MODEL_ID)")
