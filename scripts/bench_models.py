@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = MODELS[name]
         folder = args.work_dir / name
         sys.path.insert(0, str(ROOT))
-        from app.model.fit import model_shape
+        from app.model.footprint import model_shape
 
         size = model_shape(make_config(name, 0)).parameters * {"float32": 4, "float16": 2}[spec["stored"]]
         args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ import torch
 
 from app.model.errors import ModelLoadError
 from app.model.files import load_config
-from app.model.fit import MemoryBudget, memory_need, model_shape, plan_for
+from app.model.fit import MemoryBudget, plan_for
+from app.model.footprint import memory_need, model_shape
 from app.settings import Settings
 from tests.conftest import wait_for_exit
 

@@ -351,7 +351,8 @@ def test_cpu_resources_hold_the_default_model_at_the_configured_batch_limits(ren
     the server starts there with the batch limits of the manifest, never lowered ones."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_models
-    from app.model.fit import MemoryBudget, model_shape, plan_for
+    from app.model.fit import MemoryBudget, plan_for
+    from app.model.footprint import model_shape
     from app.settings import DEFAULT_MODEL
 
     rendering = rendered["cpu"]

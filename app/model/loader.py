@@ -12,7 +12,8 @@ from app.allocator import release_free_memory
 from app.model.device import cuda_index, dtype_name, limit_gpu_memory
 from app.model.errors import ModelLoadError
 from app.model.files import load_config, model_folder, not_found_message
-from app.model.fit import FitPlan, context_length_of, gib, plan_fit
+from app.model.fit import FitPlan, plan_fit
+from app.model.footprint import context_length_of, gib
 from app.model.int8 import quantize
 from app.model.packed import pack_linear_layers, packing_applies
 from app.model.safetensors_stream import load_weights, stored_float_dtype
