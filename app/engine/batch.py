@@ -96,7 +96,8 @@ class _SlotLayer(DynamicLayer):
             else:
                 # Zeros, not empty: padding columns are masked, but garbage NaN would still leak
                 # through the attention's weighted sum (0 * NaN).
-                target = store.new_zeros((slots, store.shape[1], _round_up(columns, COLUMN_QUANTUM), store.shape[-1]))
+                shape = (slots, store.shape[1], _round_up(columns, COLUMN_QUANTUM), store.shape[-1])
+                target = store.new_zeros(shape)
                 setattr(self, name, target)
             target[: self.rows, :, width - old_width:width] = current
         self.lo, self.end = 0, width

@@ -73,12 +73,12 @@ def release_loaded_weights(model: torch.nn.Module, keep: torch.Tensor | None = N
 
 
 def drop_pages(tensor: torch.Tensor) -> None:
-    """Let the kernel take back the memory of a float32 weight that has just been converted.
+    """Let the kernel take back the memory of a loaded weight that has just been converted.
 
-    The loader serves float32 checkpoints from the memory-mapped file, and each page the conversion
-    reads stays resident until the whole mapping goes (after the last layer). Without this, converting
-    reads the full float32 model into memory on top of the converted one, and the process's peak memory
-    is higher than the float32 server's. MADV_PAGEOUT only ever drops pages that can be read back (file
+    The loader serves checkpoints stored as served from the memory-mapped file, and each page the
+    conversion reads stays resident until the whole mapping goes (after the last layer). Without this,
+    converting reads the whole checkpoint into memory on top of the converted model, and the process's
+    peak memory is higher than the unconverted server's. MADV_PAGEOUT only ever drops pages that can be read back (file
     pages) or swapped; it never changes data, so it is safe whatever the tensor's memory is. Linux 5.4+;
     elsewhere, or if refused, nothing happens (only the peak is higher).
     """
