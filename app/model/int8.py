@@ -51,9 +51,9 @@ import warnings
 import torch
 
 from app.model.errors import QuantizationError
+from app.allocator import drop_pages
 from app.model.layers import (
     CONVERTIBLE_MODEL_TYPES,
-    drop_pages,
     fuse_gelu,
     release_loaded_weights,
     swap_linear_layers,
@@ -184,7 +184,7 @@ def quantize_rows(weight: torch.Tensor, rows_at_once: int = 4096) -> tuple[torch
 
     Per-row scales keep each output channel's own range, which matters for lm_head, whose rows (one per
     token) differ a lot in size. Converted in slices of rows, each slice's pages dropped once it is
-    converted (`drop_pages`): the float32 matrix is never all in memory beside its int8 copy.
+    converted (`drop_pages`): the loaded matrix is never all in memory beside its int8 copy.
     """
     int8 = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.shape[0], dtype=torch.float32)

@@ -3,12 +3,11 @@ what int8 (app/model/int8.py) and float32's packed layers (app/model/packed.py) 
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
 from typing import Callable
 
 import torch
+
+from app.allocator import drop_pages
 
 # The architectures whose layers are known to convert (and are tested): their linear layers are
 # torch.nn.Linear or GPT-2's Conv1D, and nothing reads a linear layer's `.weight` outside its forward.
@@ -70,30 +69,3 @@ def release_loaded_weights(model: torch.nn.Module, keep: torch.Tensor | None = N
             for name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
                     module._buffers[name] = buffer.to(torch.float32)
-
-
-def drop_pages(tensor: torch.Tensor) -> None:
-    """Let the kernel take back the memory of a loaded weight that has just been converted.
-
-    The loader serves checkpoints stored as served from the memory-mapped file, and each page the
-    conversion reads stays resident until the whole mapping goes (after the last layer). Without this,
-    converting reads the whole checkpoint into memory on top of the converted model, and the process's
-    peak memory is higher than the unconverted server's. MADV_PAGEOUT only ever drops pages that can be read back (file
-    pages) or swapped; it never changes data, so it is safe whatever the tensor's memory is. Linux 5.4+;
-    elsewhere, or if refused, nothing happens (only the peak is higher).
-    """
-    if _libc is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return
-    page = mmap.PAGESIZE
-    # Whole pages inside this tensor only (its storage may be the whole file, other weights included).
-    start = -(-tensor.data_ptr() // page) * page
-    end = (tensor.data_ptr() + tensor.nbytes) // page * page
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
-
-
-_MADV_PAGEOUT = 21
-try:
-    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-except OSError:
-    _libc = None

@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from app.model.layers import CONVERTIBLE_MODEL_TYPES, drop_pages, fuse_gelu, release_loaded_weights, swap_linear_layers
+from app.allocator import drop_pages
+from app.model.layers import CONVERTIBLE_MODEL_TYPES, fuse_gelu, release_loaded_weights, swap_linear_layers
 
 log = logging.getLogger(__name__)
 
