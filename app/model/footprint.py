@@ -83,7 +83,8 @@ def model_shape(config) -> ModelShape:
 def _int8_weight_bytes(model) -> int:
     """What QUANTIZE=int8 keeps: a byte per weight of the linear layers, lm_head and the token embedding,
     with a float32 scale per row; FBGEMM's packed copy of lm_head's rows where the embedding shares them;
-    everything else (layer norms, biases, position embeddings) in float32."""
+    everything else (layer norms, biases, position embeddings) in float32. On the safe side: from a
+    safetensors checkpoint the embedding's rows are read from the file instead (checkpoint_embedding.py)."""
     from transformers.pytorch_utils import Conv1D
 
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()

@@ -30,7 +30,8 @@ matrix-product time with float32 activations (a generic loop) and 0.42x with bfl
 38.6M of the 124M parameters, a third of every step's weight reads), so leaving it in float32 would
 cap the gain. The token embedding (tied to `lm_head` in GPT-2 and GPT-Neo) looks up int8 rows and scales
 them on use: `lm_head`'s own int8 rows where they are tied (FBGEMM packs a copy of them for its product),
-so no float32 copy of the vocabulary matrix is left.
+so no float32 copy of the vocabulary matrix is left. From a safetensors checkpoint the loader then has
+it read the stored rows from the file instead (app/model/checkpoint_embedding.py), which holds none.
 
 Memory: the layers are converted one at a time from views of the loaded weights, a slice of rows at a
 time, each slice's pages dropped once converted, and at the end nothing points into the loaded weights

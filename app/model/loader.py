@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from app.allocator import release_free_memory
+from app.model.checkpoint_embedding import embed_from_checkpoint
 from app.model.device import cuda_index, dtype_name, limit_gpu_memory
 from app.model.errors import ModelLoadError
 from app.model.files import load_config, model_folder, not_found_message
@@ -72,9 +73,12 @@ def load_model(settings: Settings, plan: FitPlan | None = None) -> LoadedModel:
         raise ModelLoadError(not_found_message(settings, exc)) from exc
     model.eval()
     model = quantize(model, plan.quantize)  # int8 linear layers where QUANTIZE resolved to int8
-    if settings.cpu_kernels == "packed" and packing_applies(plan.device.type, plan.dtype, plan.quantize,
-                                                         model.config.model_type):
+    packed = settings.cpu_kernels == "packed" and packing_applies(plan.device.type, plan.dtype, plan.quantize,
+                                                                 model.config.model_type)
+    if packed:
         model = pack_linear_layers(model)
+    if packed or plan.quantize == "int8":  # lm_head holds its own copy of the vocabulary matrix now
+        embed_from_checkpoint(model, folder)
     release_free_memory()  # what loading and converting the weights freed
     device = plan.device
     if plan.device_map:

@@ -17,8 +17,8 @@ batch 1 30 -> 19 ms, batch 4 62 -> 27 ms, batch 16 72 -> 43 ms.
 
 Memory: the weights move into the packed layout, one layer at a time, `lm_head` first. The token
 embedding keeps its plain matrix for its lookups (in GPT-2 and GPT-Neo the one `lm_head` was packed
-from): from a memory-mapped float32 checkpoint only the rows of the tokens looked up are read back into
-memory; weights converted at load (a float16 checkpoint) hold the vocabulary matrix twice.
+from) until the loader has it read its rows from the checkpoint file instead
+(app/model/checkpoint_embedding.py); a model with no safetensors checkpoint keeps it in memory.
 """
 
 from __future__ import annotations

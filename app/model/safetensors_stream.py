@@ -57,18 +57,25 @@ def safetensors_files(folder: str) -> list[str]:
     return [single] if os.path.isfile(single) else []
 
 
-def map_safetensors(path: str) -> dict[str, StoredTensor]:
-    """The tensors of one safetensors file, memory-mapped, nothing read yet but the header."""
+def read_header(path: str) -> tuple[int, dict]:
+    """A safetensors file's header (tensor name -> dtype, shape, data offsets) and where its data starts."""
     with open(path, "rb") as file:
         header_size = int.from_bytes(file.read(8), "little")
         header = json.loads(file.read(header_size))
+    header.pop("__metadata__", None)
+    return 8 + header_size, header
+
+
+def map_safetensors(path: str) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file, memory-mapped, nothing read yet but the header."""
+    start, header = read_header(path)
+    with open(path, "rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    start = 8 + header_size
     return {
         name: StoredTensor(
             mapped, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), start + info["data_offsets"][0],
         )
-        for name, info in header.items() if name != "__metadata__"
+        for name, info in header.items()
     }
 
 
