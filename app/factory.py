@@ -14,7 +14,7 @@ from app.api import chat, health, legacy, openai, playground
 from app.api.errors import register_error_handlers
 from app.engine import Engine, EngineObserver
 from app.engine.engine import default_threads
-from app.logging_setup import configure_logging
+from app.logging_setup import configure_logging, quiet_library_output
 from app.model.errors import ModelLoadError
 from app.model.fit import plan_fit
 from app.model.loader import load_model
@@ -40,7 +40,9 @@ def create_app(settings: Settings | None = None, *, exit_on_load_failure: bool =
     """
     settings = settings or load_settings()
     if not logging.getLogger().handlers:  # not started by `python -m app`, which configures logging
-        configure_logging(settings)
+        configure_logging(settings.log_format, settings.log_level)
+    if settings.log_format == "json":
+        quiet_library_output()
     app_metrics = metrics.Metrics()
     if engine is None:
         engine, settings = _build_engine(settings, observer or app_metrics, exit_on_load_failure)

@@ -1,4 +1,5 @@
-"""Gunicorn options for this server, derived from the settings.
+"""Gunicorn options for this server, derived from the settings (by `python -m app`, app/__main__.py), and
+the hooks the gunicorn master adds to them (app/master.py).
 
 One worker process, because the model is loaded once and owned by that process's engine thread.
 The worker is gevent's (app/http_worker.py): each connection is a greenlet, so a client that is
@@ -11,8 +12,18 @@ from __future__ import annotations
 import math
 import signal
 
+from typing import TYPE_CHECKING
+
 from app.logging_setup import GunicornLogger
-from app.settings import Settings
+
+if TYPE_CHECKING:  # the master imports this module, and never pydantic's settings
+    from app.settings import Settings
+
+
+def master_config(settings: Settings) -> dict:
+    """What the gunicorn master needs of the settings, as plain values: it receives them as JSON."""
+    return {"options": gunicorn_options(settings), "log_format": settings.log_format,
+            "log_level": settings.log_level, "header_timeout": settings.header_timeout}
 
 
 def gunicorn_options(settings: Settings) -> dict:
@@ -37,11 +48,9 @@ def gunicorn_options(settings: Settings) -> dict:
         "accesslog": None,
         "errorlog": "-",
         "loglevel": settings.log_level,
-        "logger_class": GunicornLogger,
         # The control socket (for `gunicornc`) is of no use here, and its default place under $HOME
         # is unwritable for a non-root container user and shared by every server of one user.
         "control_socket_disable": True,
-        "post_worker_init": _drain_on_sigterm,
         # Generation requests can be long; never let a slow proxy's body read time out at the default.
         "limit_request_line": 8190,
     }
@@ -62,3 +71,7 @@ def _drain_on_sigterm(worker) -> None:
 
     signal.signal(signal.SIGTERM, handle_sigterm)
     signal.siginterrupt(signal.SIGTERM, False)
+
+
+# Not plain values, so set by the master itself (app/master.py), not sent to it.
+HOOKS = {"logger_class": GunicornLogger, "post_worker_init": _drain_on_sigterm}

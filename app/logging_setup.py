@@ -18,8 +18,6 @@ import sys
 
 from gunicorn import glogging
 
-from app.settings import Settings
-
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Where the request id lives while a request is served (set by app/request_log.py).
@@ -60,23 +58,22 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(settings: Settings) -> None:
-    """Replace the root logger's handlers with one stderr handler in the configured format and level."""
+def configure_logging(log_format: str, log_level: str) -> None:
+    """Replace the root logger's handlers with one stderr handler in LOG_FORMAT and LOG_LEVEL."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(settings.log_level.upper())
-    if settings.log_format == "json":
-        _quiet_library_output()
+    root.setLevel(log_level.upper())
 
 
-def _quiet_library_output() -> None:
-    """Send transformers' own log lines through the root handler and drop the progress bars (they
-    draw with carriage returns on stderr, which no log collector can parse)."""
+def quiet_library_output() -> None:
+    """For LOG_FORMAT=json, in the process that loads the model: send transformers' own log lines through
+    the root handler and drop the progress bars (they draw with carriage returns on stderr, which no log
+    collector can parse)."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         from transformers.utils import logging as transformers_logging
