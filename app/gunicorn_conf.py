@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import signal
-
 from typing import TYPE_CHECKING
 
 from app.logging_setup import GunicornLogger

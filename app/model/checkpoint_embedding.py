@@ -61,14 +61,14 @@ class CheckpointEmbedding(torch.nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, read from {os.path.basename(self.path)}"
 
 
-def embed_from_checkpoint(model: torch.nn.Module, folder: str) -> bool:
+def embed_from_checkpoint(model: torch.nn.Module, folder: str) -> None:
     """Swap the model's token embedding for a `CheckpointEmbedding` of its rows in `folder`'s safetensors
-    files, where the output layer no longer shares its matrix. Returns whether it did; the in-memory
-    embedding (and with it the file's mapping or the int8 rows) is then freed."""
+    files, where the output layer no longer shares its matrix; the in-memory embedding (and with it the
+    file's mapping, or the int8 rows) is then freed. Anything else keeps the embedding as it is."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     weight = getattr(embedding, "weight", None)
     if weight is not None and getattr(head, "weight", None) is weight:
-        return False  # lm_head multiplies by the same matrix: it stays in memory anyway
+        return  # lm_head multiplies by the same matrix: it stays in memory anyway
     name = next(name for name, module in model.named_modules() if module is embedding) + ".weight"
     prefix = model.base_model_prefix + "."
     for path in safetensors_files(folder):
@@ -78,9 +78,9 @@ def embed_from_checkpoint(model: torch.nn.Module, folder: str) -> bool:
             continue
         shape = tuple(info["shape"])
         stored = SAFETENSORS_DTYPES.get(info["dtype"])
-        if len(shape) != 2 or stored is None or not stored.is_floating_point:
-            return False
+        fits = shape == (embedding.num_embeddings, embedding.embedding_dim)
+        if not fits or stored is None or not stored.is_floating_point:
+            return  # not the matrix the model holds
         model.set_input_embeddings(CheckpointEmbedding(path, start + info["data_offsets"][0], shape, stored))
         log.info("token embedding: rows read from %s on lookup, not held in memory", os.path.basename(path))
-        return True
-    return False
+        return
