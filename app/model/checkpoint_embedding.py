@@ -63,12 +63,10 @@ class CheckpointEmbedding(torch.nn.Module):
 
 def embed_from_checkpoint(model: torch.nn.Module, folder: str) -> None:
     """Swap the model's token embedding for a `CheckpointEmbedding` of its rows in `folder`'s safetensors
-    files, where the output layer no longer shares its matrix; the in-memory embedding (and with it the
-    file's mapping, or the int8 rows) is then freed. Anything else keeps the embedding as it is."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    weight = getattr(embedding, "weight", None)
-    if weight is not None and getattr(head, "weight", None) is weight:
-        return  # lm_head multiplies by the same matrix: it stays in memory anyway
+    files, if they hold them. Called before `lm_head` gets a copy of the vocabulary matrix of its own
+    (packed float32, int8): a tied `lm_head` keeps the loaded matrix to convert it from, and the embedding
+    is never converted. Anything else keeps the embedding as it is."""
+    embedding = model.get_input_embeddings()
     name = next(name for name, module in model.named_modules() if module is embedding) + ".weight"
     prefix = model.base_model_prefix + "."
     for path in safetensors_files(folder):

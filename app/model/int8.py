@@ -28,17 +28,17 @@ matrix-product time with float32 activations (a generic loop) and 0.42x with bfl
 
 `lm_head` is quantized too: for GPT-2 small it is the largest matrix of a decoding step (768 x 50257,
 38.6M of the 124M parameters, a third of every step's weight reads), so leaving it in float32 would
-cap the gain. The token embedding (tied to `lm_head` in GPT-2 and GPT-Neo) looks up int8 rows and scales
-them on use: `lm_head`'s own int8 rows where they are tied (FBGEMM packs a copy of them for its product),
-so no float32 copy of the vocabulary matrix is left. From a safetensors checkpoint the loader then has
-it read the stored rows from the file instead (app/model/checkpoint_embedding.py), which holds none.
+cap the gain. From a safetensors checkpoint the loader has already made the token embedding read its
+rows from the file (app/model/checkpoint_embedding.py). Otherwise it looks up int8 rows and scales them
+on use: `lm_head`'s own int8 rows where they are tied (GPT-2, GPT-Neo; FBGEMM packs a copy of them for
+its product), so no float32 copy of the vocabulary matrix is left.
 
 Memory: the layers are converted one at a time from views of the loaded weights, a slice of rows at a
 time, each slice's pages dropped once converted, and at the end nothing points into the loaded weights
 any more, so they are freed (or, for a memory-mapped checkpoint, unmapped): GPT-2 small keeps ~170 MB
 of weights instead of ~500 MB, and the load's peak is ~35 MB above that (it was ~190 MB when lm_head
 was quantized from its whole float32 matrix, by FBGEMM's own observer). A float16 or bfloat16
-checkpoint is quantized from its own weights the same way (GPT-J-6B peaks at 7.2 GiB; widened to
+checkpoint is quantized from its own weights the same way (GPT-J-6B peaks at 6.9 GiB; widened to
 float32 first, its weights alone would take 22.5 GiB).
 """
 
@@ -165,17 +165,18 @@ def is_int8_linear(module: torch.nn.Module) -> bool:
 
 
 def _to_int8(model: torch.nn.Module, int8_linear) -> None:
-    """Swap the layers in place, the linear layers first, then lm_head and the token embedding.
-    `int8_linear(int8 rows, scales, bias)` makes a layer of the chosen kernel."""
+    """Swap the layers in place, the linear layers first, then lm_head and the token embedding (unless it
+    reads its rows from the checkpoint already). `int8_linear(int8 rows, scales, bias)` makes a layer of
+    the chosen kernel."""
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
-    tied = head.weight is embedding.weight
     swap_linear_layers(model, lambda weight, bias: int8_linear(*quantize_rows(weight.detach()), bias), skip=head)
-    # lm_head, from its own matrix or (GPT-2, GPT-Neo) the embedding's it is tied to; the embedding looks
-    # up the same int8 rows then (with the int_mm kernel, lm_head's own).
+    # lm_head, from its own matrix or (GPT-2, GPT-Neo) the embedding's it is tied to.
     head_rows = quantize_rows(head.weight.detach())
     model.set_output_embeddings(int8_linear(*head_rows, head.bias))
-    model.set_input_embeddings(Int8Embedding(*(head_rows if tied else quantize_rows(embedding.weight.detach()))))
+    if isinstance(embedding, torch.nn.Embedding):  # in memory: tied, it looks up lm_head's int8 rows
+        tied = embedding.weight is head.weight
+        model.set_input_embeddings(Int8Embedding(*(head_rows if tied else quantize_rows(embedding.weight.detach()))))
     release_loaded_weights(model)
     fuse_gelu(model)
 

@@ -72,13 +72,13 @@ def load_model(settings: Settings, plan: FitPlan | None = None) -> LoadedModel:
     except OSError as exc:
         raise ModelLoadError(not_found_message(settings, exc)) from exc
     model.eval()
-    model = quantize(model, plan.quantize)  # int8 linear layers where QUANTIZE resolved to int8
     packed = settings.cpu_kernels == "packed" and packing_applies(plan.device.type, plan.dtype, plan.quantize,
                                                                  model.config.model_type)
+    if packed or plan.quantize == "int8":  # lm_head is about to get a copy of the vocabulary matrix of its own
+        embed_from_checkpoint(model, folder)
+    model = quantize(model, plan.quantize)  # int8 linear layers where QUANTIZE resolved to int8
     if packed:
         model = pack_linear_layers(model)
-    if packed or plan.quantize == "int8":  # lm_head holds its own copy of the vocabulary matrix now
-        embed_from_checkpoint(model, folder)
     release_free_memory()  # what loading and converting the weights freed
     device = plan.device
     if plan.device_map:

@@ -15,10 +15,10 @@ Measured on a 2-core AVX-512 CPU (GPT-2 small, the 48 matrices of the blocks plu
 read from memory, not cache), time of the products of one decoding step, reference -> packed:
 batch 1 30 -> 19 ms, batch 4 62 -> 27 ms, batch 16 72 -> 43 ms.
 
-Memory: the weights move into the packed layout, one layer at a time, `lm_head` first. The token
-embedding keeps its plain matrix for its lookups (in GPT-2 and GPT-Neo the one `lm_head` was packed
-from) until the loader has it read its rows from the checkpoint file instead
-(app/model/checkpoint_embedding.py); a model with no safetensors checkpoint keeps it in memory.
+Memory: the weights move into the packed layout, one layer at a time, `lm_head` first. From a
+safetensors checkpoint the loader has already made the token embedding read its rows from the file
+(app/model/checkpoint_embedding.py); otherwise it keeps its plain matrix for its lookups (in GPT-2 and
+GPT-Neo the one `lm_head` is packed from).
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ def pack_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
     """Swap the model's linear layers and lm_head for packed ones, in place."""
     started = time.perf_counter()
     head = model.get_output_embeddings()
-    embedding = model.get_input_embeddings()
     # lm_head first, the largest matrix: while it is packed, the others have not been read yet.
     with torch.no_grad():
         model.set_output_embeddings(PackedLinear(head.weight, head.bias))
     drop_pages(head.weight)
     swap_linear_layers(model, PackedLinear)
-    release_loaded_weights(model, keep=embedding.weight)  # its rows are read where they are
+    # An embedding still in memory (not read from the checkpoint) keeps its matrix where it is.
+    release_loaded_weights(model, keep=getattr(model.get_input_embeddings(), "weight", None))
     fuse_gelu(model)
     log.info("float32 linear layers packed for oneDNN in %.2f s", time.perf_counter() - started)
     return model

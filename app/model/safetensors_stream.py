@@ -128,11 +128,9 @@ def _close_maps(tensors: dict[str, StoredTensor]) -> None:
 def stored_float_dtype(folder: str) -> torch.dtype | None:
     """The floating dtype of every tensor of the checkpoint's safetensors files (only their headers are
     read); None when they store several, or there are none."""
-    tensors: dict[str, StoredTensor] = {}
-    for path in safetensors_files(folder):
-        tensors.update(map_safetensors(path))
-    dtypes = {t.dtype for t in tensors.values() if t.dtype.is_floating_point}
-    _close_maps(tensors)
+    stored = {SAFETENSORS_DTYPES[info["dtype"]] for path in safetensors_files(folder)
+              for info in read_header(path)[1].values()}
+    dtypes = {dtype for dtype in stored if dtype.is_floating_point}
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
