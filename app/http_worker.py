@@ -35,7 +35,7 @@ IDLE_GRACE_SECONDS = 2.0
 class Worker(GeventWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.header_timeout = self.app.header_timeout  # `app` is app.master.Server
+        self.header_timeout = self.app.config["header_timeout"]  # `app` is app.master.Server
         self._waiting_for_request: dict = {}  # greenlet -> its header timer, while it waits for a request
 
     def patch(self) -> None:

@@ -21,8 +21,7 @@ from app.logging_setup import configure_logging
 
 class Server(BaseApplication):
     def __init__(self, config: dict):
-        self.config = config
-        self.header_timeout = config["header_timeout"]  # read by the worker (app/http_worker.py)
+        self.config = config  # app/http_worker.py reads its header_timeout
         super().__init__()
 
     def load_config(self) -> None:

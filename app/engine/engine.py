@@ -326,7 +326,7 @@ class Engine:
                 return
             with section("bookkeeping"):
                 self._rows = batch.filter(self._deliver(rows, deltas), rows)
-                if not self._rows:  # the batch's storage is free now
+                if not self._rows:  # no reference to the batch left, so its storage is free: hand it back
                     self._batch = batch = None
                     release_free_memory()
         self.observer.decoded(len(rows), time.perf_counter() - started)
