@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from app.engine.batch import Batch, ChunkedPrefill
+from app.engine.packing import can_pack
 from app.engine.request import GenerationRequest, RequestHandle, SamplingParams
 from app.engine.step import Row
 from scripts.make_tiny_models import ARCHITECTURES
@@ -89,6 +90,55 @@ def test_prompt_log_probabilities_match_a_plain_forward(tiny):
         assert entry.token_id == ids[position]
         assert entry.logprob == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
         assert len(entry.top) == 2
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.inference_mode()
+def test_a_group_prefilled_packed_matches_each_prompt_alone(arch, tiny):
+    """Prompts of different lengths prefilled together run packed into one row, each attending only to
+    itself: every row's logits, prompt log-probabilities and following steps equal its prompt alone."""
+    loaded = tiny[arch]
+    model, tokenizer = loaded.model, loaded.tokenizer
+    vocab = model.config.vocab_size
+    rows = rows_for(tokenizer, PROMPTS[1]) + rows_for(tokenizer, PROMPTS[0], n=2) + rows_for(tokenizer, PROMPTS[2])
+    lengths = [len(rows[i].prompt_ids) for i in (0, 1, 3)]
+    assert len(set(lengths)) == 3 and can_pack(model, lengths)
+    batch, logits, prompt_logprobs = Batch.prefill(model, rows, vocab, [1, None, 3])
+    assert batch.cache.layers[0].keys.shape[0] == len(rows) == 4
+    for step in range(4):
+        for row, got in zip(rows, logits):
+            torch.testing.assert_close(got, alone_logits(model, row), atol=1e-4, rtol=1e-4)
+        advance(batch, rows, logits)
+        logits = batch.forward(model)
+
+    assert prompt_logprobs[1] is None
+    for row, logprobs in ((rows[0], prompt_logprobs[0]), (rows[3], prompt_logprobs[2])):
+        ids = list(row.prompt_ids)
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+        assert len(logprobs) == len(ids) and logprobs[0] is None
+        for position, entry in enumerate(logprobs[1:], start=1):
+            assert entry.token_id == ids[position]
+            assert entry.logprob == pytest.approx(float(expected[position - 1, ids[position]]), abs=1e-4)
+
+
+@torch.inference_mode()
+def test_gpt_neo_packs_only_within_its_local_window(tiny, tokenizer):
+    """GPT-Neo's local layers count their window back over the packed row, so a group longer than the
+    window is padded instead, and stays exact."""
+    model = tiny["gpt-neo"].model
+    config = model.config.__class__(**{**model.config.to_dict(), "window_size": 8})
+    torch.manual_seed(0)
+    model = model.__class__(config).eval()
+    rows = rows_for(tokenizer, PROMPTS[0]) + rows_for(tokenizer, PROMPTS[2])
+    lengths = [len(row.prompt_ids) for row in rows]
+    assert sum(lengths) > 8 and not can_pack(model, lengths)
+    assert can_pack(model, [4, 4]) and not can_pack(model, [8])  # a prompt alone is never packed
+    batch, logits, _ = Batch.prefill(model, rows, model.config.vocab_size, [None, None])
+    for _ in range(3):
+        for row, got in zip(rows, logits):
+            torch.testing.assert_close(got, alone_logits(model, row), atol=1e-4, rtol=1e-4)
+        advance(batch, rows, logits)
+        logits = batch.forward(model)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
