@@ -50,12 +50,11 @@ PREFILL_CHUNK_TOKENS = 64
 # group, not for the whole burst; the running streams keep their pace; and since the groups start
 # decoding a step apart, they finish apart, so the requests that follow them arrive spread out, not
 # as one more burst. GPT-2 small on 2 cores, 16 streams of 32-token prompts, 2 requests each (scripts/
-# bench.py), median time to first token, three runs each way: groups of 128 tokens one after another
-# 0.56-0.59 s in float32, 0.19-0.26 s in int8; a group of 64 per turn 0.39-0.44 s and 0.11-0.16 s.
-# A group of 128 rather than 64 per turn, two runs each in one session: float32 0.22-0.24 s against
-# 0.25-0.27 s (oneDNN's float32 products take a quarter less per token at 128 rows than at 64), int8
-# 0.18-0.20 s against 0.13-0.21 s.
-PREFILL_GROUP_TOKENS = 128
+# bench.py), median time to first token: all groups one after another 0.56-0.59 s in float32, one
+# group of 64 per turn 0.39-0.44 s (earlier releases). With groups packed (app/engine/packing.py), 7
+# runs each way in one session: 96 tokens per turn 0.15-0.29 s in float32 (tokens/s 219 and 230 on
+# average in two series), 128 tokens 0.30-0.39 s (231 and 231); int8 0.13-0.15 s against 0.14-0.20 s.
+PREFILL_GROUP_TOKENS = 96
 
 
 class _RequestProgress:
