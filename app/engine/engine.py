@@ -51,10 +51,13 @@ PREFILL_CHUNK_TOKENS = 64
 # decoding a step apart, they finish apart, so the requests that follow them arrive spread out, not
 # as one more burst. GPT-2 small on 2 cores, 16 streams of 32-token prompts, 2 requests each (scripts/
 # bench.py), median time to first token: all groups one after another 0.56-0.59 s in float32, one
-# group of 64 per turn 0.39-0.44 s (earlier releases). With groups packed (app/engine/packing.py), 7
-# runs each way in one session: 96 tokens per turn 0.15-0.29 s in float32 (tokens/s 219 and 230 on
-# average in two series), 128 tokens 0.30-0.39 s (231 and 231); int8 0.13-0.15 s against 0.14-0.20 s.
-PREFILL_GROUP_TOKENS = 96
+# group of 64 per turn 0.39-0.44 s (earlier releases). With groups packed (app/engine/packing.py),
+# 128 tokens per turn rather than 96, five runs each way of the benchmark's own sequence (1, 4, then
+# 16 streams on one server): float32 0.17-0.37 s against 0.29-0.34 s, 235 against 227 tokens/s.
+# Time to first token at 16 streams sits near 0.3 s in float32 either way: the middle request of a
+# burst of 16 has its first token only once eight prompts are prefilled, about 0.25 s of these
+# cores' float32 products.
+PREFILL_GROUP_TOKENS = 128
 
 
 class _RequestProgress:

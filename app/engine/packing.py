@@ -12,6 +12,8 @@ in as it is, in every layer: true of the architectures listed here (tested); oth
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from transformers import DynamicCache
 
@@ -29,7 +31,6 @@ def can_pack(model, lengths: list[int]) -> bool:
     return window is None or sum(lengths) <= window
 
 
-@torch.inference_mode()
 def prefill_packed(model, prompts: list[tuple[int, ...]], keep_all_logits: bool):
     """Run `prompts` through `model` in one packed row.
 
@@ -39,7 +40,7 @@ def prefill_packed(model, prompts: list[tuple[int, ...]], keep_all_logits: bool)
     """
     device = model.device
     lengths = [len(p) for p in prompts]
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    starts = list(itertools.accumulate(lengths[:-1], initial=0))
     ends = torch.tensor([s + n - 1 for s, n in zip(starts, lengths)], device=device)
     input_ids = torch.tensor([[t for p in prompts for t in p]], device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lengths]).unsqueeze(0)
