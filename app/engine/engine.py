@@ -56,7 +56,10 @@ PREFILL_CHUNK_TOKENS = 64
 # 16 streams on one server): float32 0.17-0.37 s against 0.29-0.34 s, 235 against 227 tokens/s.
 # Time to first token at 16 streams sits near 0.3 s in float32 either way: the middle request of a
 # burst of 16 has its first token only once eight prompts are prefilled, about 0.25 s of these
-# cores' float32 products.
+# cores' float32 products. Skipping the decoding step while more requests wait than run measured
+# worse (median 0.37-0.41 s against 0.21-0.33 s, three runs each): the burst's first requests got
+# their first token sooner, but its groups then finished together and the requests that followed
+# arrived as one more burst.
 PREFILL_GROUP_TOKENS = 128
 
 
