@@ -84,4 +84,3 @@ def drop_pages(tensor: torch.Tensor) -> None:
     end = (tensor.data_ptr() + tensor.nbytes) // page * page
     if end > start:
         _PROCESS.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
-

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from app.allocator import release_free_memory
-from app.engine.packing import can_pack, prefill_packed
+from app.engine.prefill import run_prompts
 from app.engine.request import TokenLogprob
 from app.engine.sampling import SamplingTensors, token_logprobs
 
@@ -175,8 +175,7 @@ class Batch:
     @classmethod
     @torch.inference_mode()
     def prefill(cls, model, rows: list, vocab_size: int, want_prompt_logprobs: list[int | None]):
-        """Run the prompts of new requests through the model once: packed into one row where the
-        architecture allows it (app/engine/packing.py), else one row each, left-padded.
+        """Run the prompts of new requests through the model once (app/engine/prefill.py).
 
         `rows` holds each request's rows consecutively (each with its `handle`); rows of one request
         share its prefill.
@@ -186,8 +185,7 @@ class Batch:
         handles = list(dict.fromkeys(row.handle for row in rows))
         prompts = [h.request.prompt_ids for h in handles]
         any_prompt_logprobs = any(k is not None for k in want_prompt_logprobs)
-        run = prefill_packed if can_pack(model, [len(p) for p in prompts]) else _prefill_padded
-        cache, attention_mask, last_logits, prompt_logits = run(model, prompts, any_prompt_logprobs)
+        cache, attention_mask, last_logits, prompt_logits = run_prompts(model, prompts, any_prompt_logprobs)
         prompt_logprobs = [
             None if k is None else _prompt_logprobs(prompt_logits[i], prompts[i], k)
             for i, k in enumerate(want_prompt_logprobs)
@@ -326,28 +324,6 @@ def _horizon(rows) -> int:
     The window never needs more (a row leaves before it would), so storage this wide needs at most
     a shift back to column 0 now and then, never more columns."""
     return max((row.max_total_tokens for row in rows), default=1)
-
-
-def _prefill_padded(model, prompts: list[tuple[int, ...]], keep_all_logits: bool):
-    """Run `prompts` through `model` one row each, left-padded to the longest; returns what
-    `packing.prefill_packed` returns."""
-    device = model.device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt):] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-        use_cache=True, logits_to_keep=0 if keep_all_logits else 1,
-    )
-    # A row's prompt occupies its last len(prompt) positions.
-    prompt_logits = [out.logits[i, width - len(p):] for i, p in enumerate(prompts)] if keep_all_logits else None
-    return cache, attention_mask, out.logits[:, -1, :], prompt_logits
 
 
 class ChunkedPrefill:

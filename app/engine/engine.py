@@ -49,17 +49,16 @@ PREFILL_CHUNK_TOKENS = 64
 # one request), prefilled at once, and then decodes a step. In a burst, the first requests wait for one
 # group, not for the whole burst; the running streams keep their pace; and since the groups start
 # decoding a step apart, they finish apart, so the requests that follow them arrive spread out, not
-# as one more burst. GPT-2 small on 2 cores, 16 streams of 32-token prompts, 2 requests each (scripts/
-# bench.py), median time to first token: all groups one after another 0.56-0.59 s in float32, one
-# group of 64 per turn 0.39-0.44 s (earlier releases). With groups packed (app/engine/packing.py),
-# 128 tokens per turn rather than 96, five runs each way of the benchmark's own sequence (1, 4, then
-# 16 streams on one server): float32 0.17-0.37 s against 0.29-0.34 s, 235 against 227 tokens/s.
-# Time to first token at 16 streams sits near 0.3 s in float32 either way: the middle request of a
-# burst of 16 has its first token only once eight prompts are prefilled, about 0.25 s of these
-# cores' float32 products. Skipping the decoding step while more requests wait than run measured
-# worse (median 0.37-0.41 s against 0.21-0.33 s, three runs each): the burst's first requests got
-# their first token sooner, but its groups then finished together and the requests that followed
-# arrived as one more burst.
+# as one more burst. Measured with scripts/bench.py (GPT-2 small, 2 cores, 16 streams of 32-token
+# prompts, 2 requests each), median time to first token in float32:
+# - all groups one after another: 0.56-0.59 s; a group of 64 tokens per turn: 0.39-0.44 s (prompts
+#   padded, earlier releases);
+# - 128 tokens per turn, prompts packed (app/engine/prefill.py): 0.17-0.37 s and 235 tokens/s, against
+#   0.29-0.34 s and 227 with 96 (five runs each);
+# - skipping the decoding step while more requests wait than run: 0.37-0.41 s against 0.21-0.33 s
+#   (the burst's groups then finish together, and the next requests arrive as one more burst).
+# It stays near 0.3 s: the middle request of a burst of 16 has its first token only once eight
+# prompts are prefilled, about 0.25 s of these cores' float32 products.
 PREFILL_GROUP_TOKENS = 128
 
 

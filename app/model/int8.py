@@ -51,8 +51,8 @@ import warnings
 
 import torch
 
-from app.model.errors import QuantizationError
 from app.allocator import drop_pages
+from app.model.errors import QuantizationError
 from app.model.layers import (
     CONVERTIBLE_MODEL_TYPES,
     fuse_gelu,

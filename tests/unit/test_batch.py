@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.engine.batch import Batch, ChunkedPrefill
-from app.engine.packing import can_pack
+from app.engine.prefill import can_pack
 from app.engine.request import GenerationRequest, RequestHandle, SamplingParams
 from app.engine.step import Row
 from scripts.make_tiny_models import ARCHITECTURES
