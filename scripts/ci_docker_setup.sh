@@ -23,6 +23,9 @@
 #   bash scripts/ci_docker_setup.sh --cuda   # also the CUDA wheelhouse
 #   bash scripts/ci_docker_setup.sh --no-model  # no model folder (and no torch in the tools venv)
 #   bash scripts/ci_docker_setup.sh --stop   # stop the engine, if this script started it
+#   --prune (with either): drop the engine's build cache once it answers. Every image build leaves
+#   its layers there (the CUDA image alone ~4.5 GB), so a machine that builds on every run fills
+#   its disk unless something drops them.
 #
 # Settings (environment): BASE_IMAGE, DEBIAN_MIRROR (default http://deb.debian.org/debian),
 # DOCKER_TOOLS_VENV (default /opt/docker-tools), DOCKERD_LOG / DOCKERD_PIDFILE.
@@ -59,15 +62,27 @@ stop_engine() {
     fi
 }
 
-cuda=0 model=1
+prune_build_cache() {
+    if docker info >/dev/null 2>&1; then
+        say "dropping the build cache: $(docker builder prune -af 2>&1 | tail -n 1), $(df -h --output=avail / | tail -n 1 | tr -d ' ') free"
+    fi
+}
+
+cuda=0 model=1 prune=0 stop=0
 for option in "$@"; do
     case "$option" in
-        --stop) stop_engine; exit 0 ;;
+        --stop) stop=1 ;;
+        --prune) prune=1 ;;
         --cuda) cuda=1 ;;
         --no-model) model=0 ;;
-        *) say "unknown option $option (use --cuda, --no-model or --stop)" >&2; exit 2 ;;
+        *) say "unknown option $option (use --cuda, --no-model, --prune or --stop)" >&2; exit 2 ;;
     esac
 done
+if ((stop)); then
+    if ((prune)); then prune_build_cache; fi
+    stop_engine
+    exit 0
+fi
 if [[ $EUID -ne 0 ]]; then
     say "must run as root (installs packages and starts dockerd)" >&2
     exit 1
@@ -157,6 +172,7 @@ else
     done
     say "dockerd $(docker info --format '{{.ServerVersion}} ({{.Driver}})') answers after $(elapsed "$t"); stop it with: bash scripts/ci_docker_setup.sh --stop"
 fi
+if ((prune)); then prune_build_cache; fi
 
 # ---------------------------------------------------------------- 4. the base image
 if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
