@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.engine.engine import default_threads
 
     threads = args.threads or default_threads()
-    model_dir = make_model(args.model_dir)
+    model_dir = make_model(args.model_dir.resolve())  # the server runs in the model's parent folder
     print(f"model: {model_dir} (GPT-2 small, random weights), {threads} torch threads", flush=True)
     if args.profile:
         for quantize in args.quantize:
