@@ -66,29 +66,28 @@ def _run_packed(model, prompts, keep_all_logits: bool):
     else:
         prompt_logits, last_logits = None, logits
 
-    width = max(lengths)
+    attention_mask = _right_aligned_mask(lengths, device)
+    prompt_positions = attention_mask.bool()
     for layer in cache.layers:
         for name in ("keys", "values"):
             packed = getattr(layer, name)[0]  # [heads, tokens, head_dim]
-            rows = packed.new_zeros((len(lengths), packed.shape[0], width, packed.shape[-1]))
-            for row, (start, length) in enumerate(zip(starts, lengths)):
-                rows[row, :, width - length:] = packed[:, start:start + length]
+            rows = packed.new_zeros((len(lengths), packed.shape[0], attention_mask.shape[1], packed.shape[-1]))
+            rows.transpose(1, 2)[prompt_positions] = packed.transpose(0, 1)  # token by token, in prompt order
             setattr(layer, name, rows)
-    return cache, _right_aligned_mask(lengths, device), last_logits, prompt_logits
+    return cache, attention_mask, last_logits, prompt_logits
 
 
 def _run_padded(model, prompts, keep_all_logits: bool):
     device = model.device
     lengths = [len(p) for p in prompts]
     width = max(lengths)
-    input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
     attention_mask = _right_aligned_mask(lengths, device)
+    input_ids = torch.zeros_like(attention_mask)
+    input_ids[attention_mask.bool()] = torch.tensor([t for p in prompts for t in p], device=device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     out = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask, position_ids=positions, cache=cache,
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
         use_cache=True, logits_to_keep=0 if keep_all_logits else 1,
     )
     # A row's prompt occupies its last len(prompt) positions.
@@ -99,7 +98,5 @@ def _run_padded(model, prompts, keep_all_logits: bool):
 def _right_aligned_mask(lengths: list[int], device) -> torch.Tensor:
     """[rows, longest]: 1 over each row's last `length` columns, 0 over the padding before them."""
     width = max(lengths)
-    mask = torch.zeros((len(lengths), width), dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, width - length:] = 1
-    return mask.to(device)
+    padding = width - torch.tensor(lengths, device=device)
+    return (torch.arange(width, device=device) >= padding[:, None]).long()

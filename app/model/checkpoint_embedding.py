@@ -40,22 +40,18 @@ class CheckpointEmbedding(torch.nn.Module):
         self._file = open(path, "rb", buffering=0)  # one descriptor; pread is safe from any thread
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.reshape(-1).tolist()
-        tokens = list(dict.fromkeys(ids))  # each distinct token read once
-        bad = [t for t in tokens if not 0 <= t < self.num_embeddings]
-        if bad:  # as torch.nn.Embedding refuses it
-            raise IndexError(f"token id {bad[0]} is out of range of the {self.num_embeddings}-token embedding")
+        distinct, where = torch.unique(input_ids, return_inverse=True)  # each distinct token read once
+        tokens = distinct.tolist()  # ascending
+        for token in (tokens[0], tokens[-1]):
+            if not 0 <= token < self.num_embeddings:  # as torch.nn.Embedding refuses it
+                raise IndexError(f"token id {token} is out of range of the {self.num_embeddings}-token embedding")
         rows = torch.empty((len(tokens), self.embedding_dim), dtype=self.stored_dtype)
         buffer = memoryview(rows.view(torch.uint8).numpy()).cast("B")
         size, fd = self._row_bytes, self._file.fileno()
         for i, token in enumerate(tokens):
             if os.preadv(fd, [buffer[i * size:(i + 1) * size]], self.offset + token * size) != size:
                 raise OSError(f"{self.path} ended before the embedding row of token {token}")
-        rows = rows.to(self.dtype)
-        if len(tokens) < len(ids):
-            where = {token: i for i, token in enumerate(tokens)}
-            rows = rows[torch.tensor([where[t] for t in ids])]
-        return rows.view(*input_ids.shape, self.embedding_dim)
+        return rows.to(self.dtype)[where]  # [*input_ids.shape, embedding_dim]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, read from {os.path.basename(self.path)}"
